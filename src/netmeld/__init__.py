@@ -1,0 +1,53 @@
+"""netmeld: combine trained neural networks into one model.
+
+>>> import netmeld
+>>> model = netmeld.meld([pets, people], method="infomax", data=unlabeled_images)
+>>> netmeld.evaluate(model, (test_images, test_labels))
+"""
+
+from netmeld._version import __version__
+from netmeld.combined import CombinedModel, load
+from netmeld.data import Data, load_data
+from netmeld.errors import (
+    CheckpointError,
+    DataError,
+    IncompatibleMembersError,
+    LabelError,
+    MemberError,
+    MethodError,
+    ModelFileError,
+    NetmeldError,
+    RecipeError,
+)
+from netmeld.evaluate import Report, compare, evaluate
+from netmeld.meld import extract, meld
+from netmeld.members import Architecture, Member, Preprocessing
+from netmeld.methods import get_method, list_methods, register_method
+
+__all__ = [
+    "Architecture",
+    "CheckpointError",
+    "CombinedModel",
+    "Data",
+    "DataError",
+    "IncompatibleMembersError",
+    "LabelError",
+    "Member",
+    "MemberError",
+    "MethodError",
+    "ModelFileError",
+    "NetmeldError",
+    "Preprocessing",
+    "RecipeError",
+    "Report",
+    "__version__",
+    "compare",
+    "evaluate",
+    "extract",
+    "get_method",
+    "list_methods",
+    "load",
+    "load_data",
+    "meld",
+    "register_method",
+]

@@ -1,0 +1,489 @@
+"""The one model type every method returns: logits over the union of the members' labels.
+
+``CombinedModel`` runs each group's shared trunk once, each member's neck and head, and a
+:class:`UnionHead` that turns the members' logits into logits over the union label space.
+
+**The union rule.** Each member ``m`` contributes calibrated scores ``a[m, j]`` for its labels
+(``a = scale_m * z_m + offset_m + class_bias``, or, with a router,
+``log_softmax(scale_m * z_m + class_bias) + log p(m | x)``). The union logit of a label is the
+``logsumexp`` of the scores of every member that knows it. Read as probabilities: the softmax
+over all ``(member, label)`` pairs is a joint distribution, and a label's probability is the sum
+over the members that know it. Two identical members that both know "dog" therefore give the
+same prediction as one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netmeld._version import __version__
+from netmeld.errors import IncompatibleMembersError, ModelFileError
+from netmeld.graph import (
+    CapturedBody,
+    Group,
+    TracedMember,
+    build_submodule,
+    plan_groups,
+    trace_member,
+)
+from netmeld.members import Architecture, Member, Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "netmeld.json"
+
+
+class Preprocess(nn.Module):
+    """Adapts a raw input to a member's shape (channels, size) and normalisation."""
+
+    def __init__(self, input_shape: Sequence[int], preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.target_shape = preprocessing.input_shape
+        channels = self.target_shape[0]
+        mean = preprocessing.mean or (0.0,)
+        std = preprocessing.std or (1.0,)
+        view = (1, -1) + (1,) * (len(self.target_shape) - 1)
+        self.normalize = preprocessing.mean is not None
+        self.register_buffer(
+            "mean",
+            torch.tensor(mean, dtype=torch.float32).expand(channels).reshape(view).clone(),
+            persistent=False,
+        )
+        self.register_buffer(
+            "std",
+            torch.tensor(std, dtype=torch.float32).expand(channels).reshape(view).clone(),
+            persistent=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shape != self.target_shape:
+            c_in, c_out = self.input_shape[0], self.target_shape[0]
+            if c_in != c_out:
+                if c_in == 1:
+                    x = x.expand(-1, c_out, -1, -1)
+                else:  # 3 -> 1: ITU-R 601 luma
+                    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+                    x = (x * w.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+            if self.input_shape[1:] != self.target_shape[1:]:
+                x = F.interpolate(
+                    x, size=self.target_shape[1:], mode="bilinear", align_corners=False
+                )
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return x
+
+
+def check_input_shapes(
+    members: Sequence[Member], input_shape: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The combined model's input shape; raise if some member cannot read it."""
+    if input_shape is None:
+        first = members[0]
+        for m in members[1:]:
+            if m.preprocessing.input_shape != first.preprocessing.input_shape:
+                raise IncompatibleMembersError(
+                    f"member {m.name!r} expects input shape {m.preprocessing.input_shape}, "
+                    f"but member {first.name!r} expects {first.preprocessing.input_shape}; "
+                    "pass input_shape=(C, H, W) to resize images for every member"
+                )
+        return first.preprocessing.input_shape
+    shape = tuple(int(s) for s in input_shape)
+    for m in members:
+        target = m.preprocessing.input_shape
+        if target == shape:
+            continue
+        ok = (
+            len(shape) == 3
+            and len(target) == 3
+            and (shape[0] == target[0] or shape[0] == 1 or (shape[0], target[0]) == (3, 1))
+        )
+        if not ok:
+            raise IncompatibleMembersError(
+                f"member {m.name!r} expects input shape {target}, which cannot be made from the "
+                f"combined input shape {shape} (images are resized and 1<->3 channels converted; "
+                "vectors must match exactly)"
+            )
+    return shape
+
+
+class UnionHead(nn.Module):
+    """Turns per-member logits into logits over the union label space (see module docs)."""
+
+    def __init__(
+        self,
+        member_sizes: Sequence[int],
+        index: torch.Tensor,
+        mask: torch.Tensor,
+        router_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        m = len(member_sizes)
+        self.member_sizes = tuple(int(s) for s in member_sizes)
+        self.scale = nn.Parameter(torch.ones(m), requires_grad=False)
+        self.offset = nn.Parameter(torch.zeros(m), requires_grad=False)
+        self.class_bias = nn.Parameter(torch.zeros(sum(self.member_sizes)), requires_grad=False)
+        self.register_buffer("index", index.clone())
+        self.register_buffer("mask", mask.clone())
+        self.router: nn.Linear | None = None
+        if router_dim is not None:
+            self.add_router(router_dim)
+
+    def add_router(self, dim: int) -> None:
+        self.router = nn.Linear(dim, len(self.member_sizes))
+        self.register_buffer("router_mean", torch.zeros(dim))
+        self.register_buffer("router_std", torch.ones(dim))
+
+    @property
+    def router_dim(self) -> int | None:
+        return None if self.router is None else self.router.in_features
+
+    def member_scores(
+        self, logits: Sequence[torch.Tensor], router_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Calibrated scores of every (member, label) pair, concatenated in member order."""
+        parts = [z * self.scale[i] for i, z in enumerate(logits)]
+        scores = torch.cat(parts, dim=1) + self.class_bias
+        chunks = torch.split(scores, list(self.member_sizes), dim=1)
+        if self.router is None:
+            return torch.cat([c + self.offset[i] for i, c in enumerate(chunks)], dim=1)
+        if router_input is None:
+            raise ValueError("this union head has a router: pass router_input")
+        gate = F.log_softmax(self.router((router_input - self.router_mean) / self.router_std), 1)
+        return torch.cat(
+            [F.log_softmax(c, dim=1) + gate[:, i : i + 1] for i, c in enumerate(chunks)], dim=1
+        )
+
+    def merge(self, scores: torch.Tensor) -> torch.Tensor:
+        """Union logits: logsumexp over the members that know each label."""
+        gathered = scores[:, self.index]  # (N, K_union, S)
+        gathered = gathered.masked_fill(~self.mask, float("-inf"))
+        return torch.logsumexp(gathered, dim=-1)
+
+    def forward(
+        self, logits: Sequence[torch.Tensor], router_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.merge(self.member_scores(logits, router_input))
+
+
+@dataclass
+class MemberOutputs:
+    """What one forward pass computes before the union head."""
+
+    features: list[torch.Tensor]  # each member's head input, member order
+    logits: list[torch.Tensor]  # each member's raw logits, member order
+    router_input: torch.Tensor  # each distinct feature vector once, for a router
+
+
+def union_labels(members: Sequence[Member]) -> tuple[list[str], dict[str, list[str]]]:
+    """Union label order (first appearance, member order) and label -> members that know it."""
+    labels: list[str] = []
+    owners: dict[str, list[str]] = {}
+    for m in members:
+        for label in m.labels:
+            if label not in owners:
+                labels.append(label)
+                owners[label] = []
+            owners[label].append(m.name)
+    return labels, owners
+
+
+class CombinedModel(nn.Module):
+    """One model over the union of its members' labels.
+
+    Its input is raw (images in ``[0, 1]``, ``(N, C, H, W)``; vectors ``(N, F)``) of shape
+    ``input_shape``; each group applies its members' preprocessing. ``forward`` returns logits
+    over :attr:`labels`; :attr:`label_members` records which member(s) each label came from.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        *,
+        input_shape: Sequence[int] | None = None,
+        plan: Sequence[Group] | None = None,
+    ) -> None:
+        super().__init__()
+        if not members:
+            raise IncompatibleMembersError("meld needs at least one member")
+        names = [m.name for m in members]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise IncompatibleMembersError(
+                    f"two members are named {name!r}; member names must be unique"
+                )
+        self.input_shape = check_input_shapes(members, input_shape)
+        self.members = list(members)
+        traced = [trace_member(m) for m in members]
+        self.plan = list(plan) if plan is not None else plan_groups(traced)
+        self._build(traced)
+        labels, owners = union_labels(members)
+        self.labels = labels
+        self.label_members = owners
+        self.method: dict[str, Any] = {"name": "concat", "params": {}}
+        positions: dict[str, list[int]] = {label: [] for label in labels}
+        offset = 0
+        for m in members:
+            for j, label in enumerate(m.labels):
+                positions[label].append(offset + j)
+            offset += len(m.labels)
+        width = max(len(p) for p in positions.values())
+        index = torch.zeros(len(labels), width, dtype=torch.long)
+        mask = torch.zeros(len(labels), width, dtype=torch.bool)
+        for i, label in enumerate(labels):
+            index[i, : len(positions[label])] = torch.tensor(positions[label])
+            mask[i, : len(positions[label])] = True
+        self.union = UnionHead([len(m.labels) for m in members], index, mask)
+
+    # -- construction -------------------------------------------------------------------
+    def _build(self, traced: Sequence[TracedMember]) -> None:
+        by_name = {t.member.name: t for t in traced}
+        self.preprocess = nn.ModuleDict()
+        self.trunks = nn.ModuleDict()
+        self.necks = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.group_of: dict[str, int] = {}
+        self.head_names: dict[str, str] = {}
+        listed = [name for g in self.plan for name in g.members]
+        if sorted(listed) != sorted(by_name):
+            raise ModelFileError(
+                f"the sharing plan lists members {listed}, expected {sorted(by_name)}"
+            )
+        for gi, group in enumerate(self.plan):
+            key = str(gi)
+            first = by_name[group.members[0]]
+            self.preprocess[key] = Preprocess(self.input_shape, first.member.preprocessing)
+            if group.cut is None or not first.traced:
+                self.trunks[key] = CapturedBody(first.member.module, first.head_name)
+            else:
+                self.trunks[key] = build_submodule(first, 0, group.cut)
+            for name in group.members:
+                t = by_name[name]
+                self.group_of[name] = gi
+                self.head_names[name] = t.head_name
+                if group.cut is None or not t.traced or group.cut >= len(t.body):
+                    self.necks[name] = nn.Identity()
+                else:
+                    self.necks[name] = build_submodule(t, group.cut, len(t.body))
+                head = t.member.module.get_submodule(t.head_name)
+                self.heads[name] = copy.deepcopy(head)
+        self._dedup_groups = [
+            all(isinstance(self.necks[n], nn.Identity) for n in g.members) for g in self.plan
+        ]
+
+    # -- forward ------------------------------------------------------------------------
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def run_members(self, x: torch.Tensor) -> MemberOutputs:
+        """Run trunks, necks and heads; return per-member features and raw logits."""
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        trunk_out = [
+            self.trunks[str(gi)](self.preprocess[str(gi)](x)) for gi in range(len(self.plan))
+        ]
+        features: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        for name in self.member_names:
+            f = self.necks[name](trunk_out[self.group_of[name]])
+            f = f.flatten(1) if f.dim() > 2 else f
+            features.append(f)
+            logits.append(self.heads[name](f))
+        router_parts = []
+        for gi, group in enumerate(self.plan):
+            if self._dedup_groups[gi]:
+                router_parts.append(features[self.member_names.index(group.members[0])])
+            else:
+                router_parts.extend(features[self.member_names.index(n)] for n in group.members)
+        return MemberOutputs(features, logits, torch.cat(router_parts, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run_members(x)
+        return self.union(out.logits, out.router_input if self.union.router is not None else None)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 256) -> list[str]:
+        """Predicted label names for raw inputs ``x``."""
+        self.eval()
+        preds = [self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        idx = torch.cat(preds).tolist() if preds else []
+        return [self.labels[i] for i in idx]
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Probabilities over :attr:`labels` for raw inputs ``x``."""
+        self.eval()
+        parts = [self(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, len(self.labels))
+
+    # -- information ----------------------------------------------------------------------
+    @property
+    def num_parameters(self) -> int:
+        """Parameters the combined model runs (a shared trunk counted once)."""
+        return sum(p.numel() for p in _unique_parameters(self))
+
+    def extra_repr(self) -> str:
+        groups = ", ".join("+".join(g.members) for g in self.plan)
+        return f"labels={len(self.labels)}, groups=[{groups}], method={self.method['name']!r}"
+
+    # -- persistence -----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The JSON-ready description saved as ``netmeld.json``."""
+        members = []
+        for m in self.members:
+            if m.architecture is None:
+                raise ModelFileError(
+                    f"member {m.name!r} was made from an in-memory {type(m.module).__name__} "
+                    "with no architecture; to save without pickle netmeld must rebuild it: pass "
+                    "architecture='package.module:callable' (or 'torchvision:NAME', "
+                    "'timm:NAME') to Member"
+                )
+            members.append(
+                {
+                    "name": m.name,
+                    "labels": list(m.labels),
+                    "architecture": m.architecture.to_dict(),
+                    "preprocessing": m.preprocessing.to_dict(),
+                    "head": self.head_names[m.name],
+                }
+            )
+        return {
+            "format": "netmeld",
+            "format_version": FORMAT_VERSION,
+            "netmeld_version": __version__,
+            "input_shape": list(self.input_shape),
+            "labels": list(self.labels),
+            "label_members": self.label_members,
+            "members": members,
+            "plan": [g.to_dict() for g in self.plan],
+            "union": {
+                "router_dim": self.union.router_dim,
+                "scale": self.union.scale.tolist(),
+                "offset": self.union.offset.tolist(),
+            },
+            "method": self.method,
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as a folder with ``model.safetensors`` and ``netmeld.json``, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+        if path.exists() and not (path / CONFIG_FILE).is_file():
+            raise ModelFileError(
+                f"{str(path)!r} exists and is not a netmeld model folder; refusing to replace it"
+            )
+        config = self.config()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(self).items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "netmeld"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once (CapturedBody keeps the original head too)."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        state[key] = value
+    return state
+
+
+def load(path: str | Path) -> CombinedModel:
+    """Rebuild a combined model saved with :meth:`CombinedModel.save` (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ModelFileError(f"{str(path)!r} is not a netmeld model folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
+    if config.get("format") != "netmeld" or config.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{str(config_path)!r}: format {config.get('format')!r} version "
+            f"{config.get('format_version')!r}, expected netmeld version {FORMAT_VERSION}"
+        )
+    members = []
+    for spec in config["members"]:
+        arch = Architecture(spec["architecture"]["spec"], spec["architecture"]["kwargs"])
+        module = arch.build(num_classes=len(spec["labels"]))
+        members.append(
+            Member(
+                module,
+                spec["labels"],
+                name=spec["name"],
+                preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
+                architecture=arch,
+                head=spec["head"],
+            )
+        )
+    plan = [Group(tuple(g["members"]), g["cut"]) for g in config["plan"]]
+    model = CombinedModel(members, input_shape=config["input_shape"], plan=plan)
+    if config["union"].get("router_dim") is not None:
+        model.union.add_router(int(config["union"]["router_dim"]))
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelFileError(f"{str(path)!r}: {WEIGHTS_FILE} is missing")
+    tensors = load_file(str(weights_path))
+    expected = _unique_state(model)
+    for key, value in expected.items():
+        if key not in tensors:
+            raise ModelFileError(f"{str(weights_path)!r}: tensor {key!r} is missing")
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ModelFileError(
+                f"{str(weights_path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"expected {tuple(value.shape)}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ModelFileError(f"{str(weights_path)!r}: unexpected tensor {extra[0]!r}")
+    with torch.no_grad():
+        for key, value in expected.items():
+            value.copy_(tensors[key])
+    model.method = dict(config.get("method", {}))
+    return model.eval()

@@ -1,0 +1,251 @@
+"""Turn what users have into tensors: arrays, torch Datasets, folders of images.
+
+Labeled data is ``(inputs, label_names)``; unlabeled data is ``inputs`` alone. ``inputs`` may
+be a tensor or ndarray, a ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y)``; integer
+``y`` is named through the dataset's ``classes``), or a folder of images: with one subfolder
+per label it is labeled (the ImageFolder layout), with image files directly inside it is
+unlabeled.
+
+Raw inputs are floats: images ``(C, H, W)`` in ``[0, 1]`` (``uint8`` arrays are divided by
+255, channels-last arrays are transposed), vectors ``(F,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from netmeld._progress import track
+from netmeld.errors import DataError, LabelError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class Data:
+    """Inputs (raw, shaped like the model's input) and, when labeled, their label names."""
+
+    inputs: torch.Tensor
+    labels: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+    def label_indices(self, label_space: Sequence[str]) -> torch.Tensor:
+        """The labels as indices into ``label_space``; an unknown label is an error."""
+        if self.labels is None:
+            raise DataError(f"{self.source}: labels are needed, but the data is unlabeled")
+        position = {label: i for i, label in enumerate(label_space)}
+        out = []
+        for label in self.labels:
+            if label not in position:
+                known = ", ".join(repr(v) for v in list(label_space)[:12])
+                raise LabelError(
+                    f"{self.source}: label {label!r} is not known to any member "
+                    f"(known: {known}{', ...' if len(label_space) > 12 else ''})"
+                )
+            out.append(position[label])
+        return torch.tensor(out, dtype=torch.long)
+
+
+def load_data(
+    data: Any,
+    input_shape: Sequence[int],
+    *,
+    require_labels: bool = False,
+    what: str = "data",
+    progress: bool | None = None,
+) -> Data:
+    """Read ``data`` into a :class:`Data` whose inputs have shape ``(N, *input_shape)``."""
+    shape = tuple(int(s) for s in input_shape)
+    if data is None:
+        raise DataError(f"{what}: no data given")
+    if isinstance(data, Data):
+        result = data
+    elif isinstance(data, (str, Path)):
+        result = _read_folder(Path(data), shape, what, progress)
+    elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (int, float)):
+        inputs, labels = data
+        x = _to_inputs(inputs, shape, what)
+        names = _label_names(labels, what)
+        if len(names) != len(x):
+            raise DataError(f"{what}: {len(x)} inputs but {len(names)} labels")
+        result = Data(x, names, what)
+    elif isinstance(data, torch.utils.data.Dataset):
+        result = _read_dataset(data, shape, what, progress)
+    else:
+        result = Data(_to_inputs(data, shape, what), None, what)
+    if len(result) == 0:
+        raise DataError(f"{what} ({result.source}): is empty; expected at least one input")
+    if tuple(result.inputs.shape[1:]) != shape:
+        raise DataError(
+            f"{result.source}: inputs have shape {tuple(result.inputs.shape[1:])}, "
+            f"the model expects {shape}"
+        )
+    if require_labels and not result.labeled:
+        raise DataError(
+            f"{result.source}: this needs labeled data: (inputs, label_names) or a folder with "
+            "one subfolder per label"
+        )
+    return result
+
+
+def _label_names(labels: Any, what: str) -> list[str]:
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        labels = labels.tolist()
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise DataError(
+            f"{what}: labels must be a sequence of label names, got {type(labels).__name__}"
+        )
+    names = []
+    for v in labels:
+        if not isinstance(v, str):
+            raise DataError(
+                f"{what}: labels must be label names (str), got {type(v).__name__} {v!r}; "
+                "netmeld aligns labels by name, never by position"
+            )
+        names.append(v)
+    return names
+
+
+def _to_inputs(inputs: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype == object:
+            raise DataError(f"{what}: inputs are an object array; expected numbers")
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if not isinstance(inputs, torch.Tensor):
+        raise DataError(
+            f"{what}: expected a tensor, ndarray, torch Dataset or folder, "
+            f"got {type(inputs).__name__}"
+        )
+    x = inputs
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    x = x.float()
+    if len(shape) == 3 and x.dim() == 3 and shape[0] == 1:
+        x = x.unsqueeze(1)
+    if len(shape) == 3 and x.dim() == 4 and x.shape[1] != shape[0] and x.shape[-1] == shape[0]:
+        x = x.permute(0, 3, 1, 2).contiguous()
+    if x.dim() == 0:
+        raise DataError(f"{what}: inputs are a scalar; expected a batch of shape (N, *{shape})")
+    return x
+
+
+def _read_dataset(ds: Any, shape: tuple[int, ...], what: str, progress: bool | None) -> Data:
+    try:
+        n = len(ds)
+    except TypeError as exc:
+        raise DataError(f"{what}: the Dataset has no length") from exc
+    classes = getattr(ds, "classes", None)
+    xs: list[torch.Tensor] = []
+    ys: list[str] = []
+    labeled: bool | None = None
+    for i in track(range(n), f"reading {what}", total=n, enabled=progress):
+        item = ds[i]
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            x, y = item
+            if labeled is False:
+                raise DataError(f"{what}: item {i} has a label but earlier items had none")
+            labeled = True
+            if isinstance(y, torch.Tensor):
+                y = y.item()
+            if isinstance(y, (int, np.integer)):
+                if classes is None:
+                    raise DataError(
+                        f"{what}: item {i} has integer label {int(y)} and the Dataset has no "
+                        "'classes' to name it; return label names or set dataset.classes"
+                    )
+                y = classes[int(y)]
+            ys.append(str(y))
+        else:
+            x = item
+            labeled = False
+        xs.append(_item_tensor(x, shape, f"{what} item {i}"))
+    if not xs:
+        raise DataError(f"{what}: the Dataset is empty; expected at least one item")
+    return Data(torch.stack(xs), ys if labeled else None, what)
+
+
+def _item_tensor(x: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    try:
+        from PIL import Image
+
+        if isinstance(x, Image.Image):
+            return _pil_to_tensor(x, shape)
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        pass
+    t = _to_inputs(np.asarray(x)[None] if not isinstance(x, torch.Tensor) else x[None], shape, what)
+    return t[0]
+
+
+def _pil_to_tensor(image: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    from PIL import Image
+
+    channels, height, width = shape
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def read_image(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """One image file as a ``(C, H, W)`` float tensor in ``[0, 1]``, resized to ``shape``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(shape) != 3:
+        raise DataError(f"{str(path)!r}: the model reads vectors of shape {shape}, not images")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _pil_to_tensor(image, shape)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"image {str(path)!r} cannot be read: {exc}") from exc
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_folder(folder: Path, shape: tuple[int, ...], what: str, progress: bool | None) -> Data:
+    if not folder.exists():
+        raise DataError(f"{what}: folder {str(folder)!r} does not exist")
+    if folder.is_file():
+        return Data(read_image(folder, shape)[None], None, str(folder))
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[tuple[Path, str | None]] = []
+    if subdirs:
+        for sub in subdirs:
+            found = image_files(sub)
+            if not found:
+                raise DataError(
+                    f"{what}: label folder {str(sub)!r} has no images "
+                    f"(expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            files.extend((p, sub.name) for p in found)
+    else:
+        files = [(p, None) for p in image_files(folder)]
+    if not files:
+        raise DataError(
+            f"{what}: folder {str(folder)!r} has no images and no label subfolders; expected "
+            "image files, or one subfolder of images per label"
+        )
+    xs = [
+        read_image(p, shape)
+        for p, _ in track(
+            files, f"reading {folder.name or folder}", total=len(files), enabled=progress
+        )
+    ]
+    labels = [label for _, label in files] if subdirs else None
+    return Data(torch.stack(xs), labels, str(folder))  # type: ignore[arg-type]

@@ -1,0 +1,44 @@
+"""The exceptions netmeld raises for bad input.
+
+Every error names the thing at fault (file, member, tensor, label) and what was expected.
+All derive from :class:`NetmeldError`; most also derive from ``ValueError`` or ``TypeError``
+so that callers catching the built-in types keep working.
+"""
+
+from __future__ import annotations
+
+
+class NetmeldError(Exception):
+    """Base class of every error netmeld raises on purpose."""
+
+
+class MemberError(NetmeldError, ValueError):
+    """A member is malformed: labels, preprocessing, architecture or name."""
+
+
+class CheckpointError(NetmeldError, ValueError):
+    """A checkpoint cannot be read, or its tensors do not fit the architecture."""
+
+
+class LabelError(NetmeldError, ValueError):
+    """A label name is unknown to the model or members."""
+
+
+class IncompatibleMembersError(NetmeldError, ValueError):
+    """Members cannot be combined as asked (input shapes, duplicate names, ...)."""
+
+
+class DataError(NetmeldError, ValueError):
+    """Data is empty, unreadable or of the wrong shape."""
+
+
+class MethodError(NetmeldError, ValueError):
+    """An unknown method, a bad parameter, or data of the wrong kind for a method."""
+
+
+class ModelFileError(NetmeldError, ValueError):
+    """A saved combined model is missing, malformed, or would be overwritten."""
+
+
+class RecipeError(NetmeldError, ValueError):
+    """A YAML recipe is malformed."""

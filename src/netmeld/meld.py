@@ -1,0 +1,122 @@
+"""One entry point for every method: ``meld(members, method=NAME, data=None)``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from netmeld._progress import track
+from netmeld.combined import CombinedModel
+from netmeld.data import load_data
+from netmeld.errors import DataError, IncompatibleMembersError
+from netmeld.members import Member
+from netmeld.methods import get_method
+
+
+@dataclass
+class Extracted:
+    """Per-member head inputs and raw logits of a batch of inputs (trunks are frozen)."""
+
+    features: list[torch.Tensor]
+    logits: list[torch.Tensor]
+    router_input: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.router_input)
+
+
+@torch.no_grad()
+def extract(
+    model: CombinedModel,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> Extracted:
+    """Run the members once over ``inputs`` and keep what the union methods fit on."""
+    model.eval()
+    feats: list[list[torch.Tensor]] = [[] for _ in model.members]
+    logits: list[list[torch.Tensor]] = [[] for _ in model.members]
+    router: list[torch.Tensor] = []
+    starts = range(0, len(inputs), batch_size)
+    for start in track(starts, "running members", total=len(starts), enabled=progress):
+        out = model.run_members(inputs[start : start + batch_size])
+        for i in range(len(model.members)):
+            feats[i].append(out.features[i])
+            logits[i].append(out.logits[i])
+        router.append(out.router_input)
+    if not router:
+        raise DataError("no inputs to run the members on")
+    return Extracted(
+        [torch.cat(f) for f in feats], [torch.cat(z) for z in logits], torch.cat(router)
+    )
+
+
+def meld(
+    members: Sequence[Member],
+    method: str = "concat",
+    data: Any = None,
+    *,
+    params: dict[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> CombinedModel:
+    """Combine ``members`` into one model over the union of their labels.
+
+    Args:
+        members: the members, in the order their labels appear in the union.
+        method: a registered method name (see :func:`netmeld.list_methods`).
+        data: what the method fits on: ``None`` for zero-data methods, unlabeled ``inputs``,
+            or labeled ``(inputs, label_names)``; inputs are a tensor/ndarray, a torch Dataset
+            or a folder of images. A labeled set may be given to an unlabeled method.
+        params: the method's parameters; unknown names are an error.
+        input_shape: the combined model's input shape when members' shapes differ (images are
+            resized per member).
+        seed: seeds every random choice of the fit.
+        progress: show progress bars (default: when stderr is a terminal).
+    """
+    info = get_method(method)
+    checked = info.validate_params(params)
+    members = list(members)
+    if not members:
+        raise IncompatibleMembersError("meld needs at least one member")
+    model = CombinedModel(members, input_shape=input_shape)
+    extracted = None
+    targets = None
+    n_examples = 0
+    if info.data == "none":
+        if data is not None:
+            warnings.warn(
+                f"method {method!r} uses no data; the data given is ignored", stacklevel=2
+            )
+    else:
+        loaded = load_data(
+            data,
+            model.input_shape,
+            require_labels=info.data == "labeled",
+            what=f"data for method {method!r}",
+            progress=progress,
+        )
+        n_examples = len(loaded)
+        if info.data == "labeled":
+            targets = loaded.label_indices(model.labels)
+        extracted = extract(model, loaded.inputs, progress=progress)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        info.fit(model, extracted, targets, checked)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.method = {
+        "name": method,
+        "data": info.data,
+        "params": checked.model_dump(),
+        "examples": n_examples,
+        "seed": seed,
+    }
+    return model.eval()

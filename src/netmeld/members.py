@@ -1,0 +1,466 @@
+"""What a member is: a trained classifier, its ordered label names, its input preprocessing.
+
+A :class:`Member` is made from an in-memory ``nn.Module`` (torchvision and timm objects
+included) or from a checkpoint plus an architecture. Checkpoints are read without unpickling:
+safetensors, or ``torch.load(..., weights_only=True)`` for ``.pt``/``.pth`` files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netmeld.errors import CheckpointError, MemberError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a member wants its input.
+
+    Inputs given to netmeld are raw: images are float ``(C, H, W)`` with values in ``[0, 1]``,
+    vectors are float ``(F,)``. A member normalises them as ``(x - mean) / std`` per channel.
+
+    Args:
+        input_shape: the shape of one input the member reads, ``(C, H, W)`` or ``(F,)``.
+        mean: per-channel mean subtracted after scaling to ``[0, 1]`` (one value per channel,
+            or one value for all); ``None`` for no normalisation.
+        std: per-channel standard deviation, same rules as ``mean``.
+    """
+
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.input_shape)
+        if not shape or any(s <= 0 for s in shape):
+            raise MemberError(
+                f"preprocessing: input_shape must be positive sizes like (3, 224, 224) or (F,), "
+                f"got {self.input_shape!r}"
+            )
+        object.__setattr__(self, "input_shape", shape)
+        channels = shape[0]
+        for what in ("mean", "std"):
+            value = getattr(self, what)
+            if value is None:
+                continue
+            if isinstance(value, (int, float)):
+                value = (float(value),)
+            value = tuple(float(v) for v in value)
+            if len(value) not in (1, channels):
+                raise MemberError(
+                    f"preprocessing: {what} has {len(value)} values, expected 1 or {channels} "
+                    f"(one per channel of input_shape {shape})"
+                )
+            if what == "std" and any(v <= 0 for v in value):
+                raise MemberError(f"preprocessing: std must be positive, got {value}")
+            object.__setattr__(self, what, value)
+        if (self.mean is None) != (self.std is None):
+            raise MemberError("preprocessing: give both mean and std, or neither")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        return cls(
+            input_shape=tuple(data["input_shape"]),
+            mean=None if data.get("mean") is None else tuple(data["mean"]),
+            std=None if data.get("std") is None else tuple(data["std"]),
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to rebuild a member's module without pickle.
+
+    ``spec`` is ``"torchvision:NAME"``, ``"timm:NAME"`` or an importable
+    ``"package.module:callable"``; ``kwargs`` are passed to the builder (JSON values only).
+    """
+
+    spec: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.spec or not all(self.spec.split(":", 1)):
+            raise MemberError(
+                f"architecture {self.spec!r}: expected 'torchvision:NAME', 'timm:NAME' or "
+                "'package.module:callable'"
+            )
+        try:
+            json.dumps(dict(self.kwargs))
+        except TypeError as exc:
+            raise MemberError(
+                f"architecture {self.spec!r}: kwargs must be JSON values, got {self.kwargs!r}"
+            ) from exc
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+
+    @classmethod
+    def parse(
+        cls, spec: str | Architecture, kwargs: Mapping[str, Any] | None = None
+    ) -> Architecture:
+        if isinstance(spec, Architecture):
+            return spec
+        if ":" not in spec:
+            spec = f"torchvision:{spec}"
+        return cls(spec, dict(kwargs or {}))
+
+    def build(self, num_classes: int | None = None) -> nn.Module:
+        """Build the module with fresh weights (``num_classes`` fills in for torchvision/timm)."""
+        source, name = self.spec.split(":", 1)
+        kwargs = dict(self.kwargs)
+        builder: Callable[..., Any]
+        if source == "torchvision":
+            import torchvision
+
+            try:
+                builder = torchvision.models.get_model_builder(name)
+            except ValueError as exc:
+                raise MemberError(
+                    f"architecture {self.spec!r}: torchvision has no model named {name!r}"
+                ) from exc
+            if num_classes is not None:
+                kwargs.setdefault("num_classes", num_classes)
+        elif source == "timm":
+            try:
+                import timm
+            except ImportError as exc:
+                raise MemberError(
+                    f"architecture {self.spec!r} needs timm: pip install 'netmeld[timm]'"
+                ) from exc
+            if name not in timm.list_models():
+                raise MemberError(f"architecture {self.spec!r}: timm has no model named {name!r}")
+            if num_classes is not None:
+                kwargs.setdefault("num_classes", num_classes)
+            kwargs.setdefault("pretrained", False)
+
+            def builder(**kw: Any) -> Any:
+                return timm.create_model(name, **kw)
+
+        else:
+            try:
+                module = importlib.import_module(source)
+            except ImportError as exc:
+                raise MemberError(
+                    f"architecture {self.spec!r}: cannot import module {source!r} ({exc})"
+                ) from exc
+            builder = getattr(module, name, None)  # type: ignore[assignment]
+            if not callable(builder):
+                raise MemberError(
+                    f"architecture {self.spec!r}: module {source!r} has no callable {name!r}"
+                )
+        try:
+            model = builder(**kwargs)
+        except TypeError as exc:
+            raise MemberError(
+                f"architecture {self.spec!r}: calling the builder with {kwargs} failed: {exc}"
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise MemberError(
+                f"architecture {self.spec!r}: the builder returned {type(model).__name__}, "
+                "expected a torch.nn.Module"
+            )
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kwargs": dict(self.kwargs)}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors without unpickling arbitrary objects.
+
+    ``.safetensors`` files are read with safetensors; any other file with
+    ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper
+    is unwrapped, and a ``module.`` prefix (DataParallel) is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: not a readable safetensors file ({exc})"
+            ) from exc
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: cannot be read as a weights-only torch file "
+                f"(netmeld never unpickles arbitrary objects): {first}"
+            ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: expected a mapping of tensor names to tensors"
+        )
+    tensors = {str(k): v for k, v in state.items()}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Load ``tensors`` into ``module`` strictly, naming the first tensor that does not fit."""
+    expected = module.state_dict()
+    for name, tensor in tensors.items():
+        if name not in expected:
+            raise CheckpointError(
+                f"{what}: tensor {name!r} is not in the architecture "
+                f"(it has {len(expected)} tensors, e.g. {sorted(expected)[:3]})"
+            )
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{what}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the architecture expects {tuple(expected[name].shape)}"
+            )
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{what}: tensor {missing[0]!r} is missing from the checkpoint"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    module.load_state_dict(dict(tensors), strict=True)
+
+
+def read_labels(labels: Sequence[str] | str | Path) -> tuple[str, ...]:
+    """Labels from a list, or from a file (one per line, or a JSON list)."""
+    if isinstance(labels, (str, Path)) and Path(labels).is_file():
+        text = Path(labels).read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            items = json.loads(text)
+        else:
+            items = [line.strip() for line in text.splitlines() if line.strip()]
+        return tuple(str(v) for v in items)
+    if isinstance(labels, (str, Path)):
+        raise MemberError(
+            f"labels: {str(labels)!r} is neither a list of label names nor an existing file"
+        )
+    return tuple(str(v) for v in labels)
+
+
+class Member:
+    """A trained classifier with its label names, input preprocessing and a name.
+
+    Args:
+        module: the classifier; its output must be logits over ``labels``, in that order.
+        labels: the ordered label names (column ``i`` of the output is ``labels[i]``).
+        name: a short identifier (letters, digits, ``_`` and ``-``).
+        preprocessing: input shape and normalisation; see :class:`Preprocessing`.
+        architecture: how to rebuild ``module`` when a combined model is loaded; inferred for
+            torchvision and timm models when left out.
+        head: the qualified name of the classification head (a ``nn.Linear``) when the
+            torchvision/timm conventions and the "last Linear" rule would not find it.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str,
+        preprocessing: Preprocessing | Mapping[str, Any],
+        architecture: Architecture | str | None = None,
+        head: str | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise MemberError(
+                f"member {name!r}: expected a torch.nn.Module, got {type(module).__name__}"
+            )
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise MemberError(
+                f"member name {name!r}: use letters, digits, '_' and '-' (starting with a "
+                "letter or digit)"
+            )
+        self.name = name
+        self.module = module.eval()
+        self.labels = read_labels(labels)
+        if not self.labels:
+            raise MemberError(f"member {name!r}: labels are empty")
+        seen: set[str] = set()
+        for label in self.labels:
+            if not label:
+                raise MemberError(f"member {name!r}: a label name is empty")
+            if label in seen:
+                raise MemberError(f"member {name!r}: label {label!r} appears twice")
+            seen.add(label)
+        if not isinstance(preprocessing, Preprocessing):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.preprocessing = preprocessing
+        if isinstance(architecture, str):
+            architecture = Architecture.parse(architecture)
+        self.architecture = architecture or _infer_architecture(module)
+        self.head = head
+
+    def __repr__(self) -> str:
+        arch = self.architecture.spec if self.architecture else type(self.module).__name__
+        return (
+            f"Member(name={self.name!r}, labels={list(self.labels)!r}, architecture={arch!r}, "
+            f"input_shape={self.preprocessing.input_shape})"
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        architecture: Architecture | str,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any],
+        architecture_kwargs: Mapping[str, Any] | None = None,
+        head: str | None = None,
+    ) -> Member:
+        """A member from a checkpoint file and an architecture.
+
+        ``architecture`` is ``"resnet18"`` or ``"torchvision:resnet18"``, ``"timm:NAME"``, or an
+        importable ``"package.module:callable"``. The checkpoint is a ``.safetensors`` file or a
+        ``.pt``/``.pth`` file read with ``torch.load(weights_only=True)``.
+        """
+        path = Path(path)
+        label_names = read_labels(labels)
+        name = name or re.sub(r"[^A-Za-z0-9_\-]", "-", path.stem)
+        arch = Architecture.parse(architecture, architecture_kwargs)
+        module = arch.build(num_classes=len(label_names))
+        load_into(module, read_state_dict(path), what=f"member {name!r} ({str(path)!r})")
+        return cls(
+            module,
+            label_names,
+            name=name,
+            preprocessing=preprocessing,
+            architecture=arch,
+            head=head,
+        )
+
+    @classmethod
+    def from_timm(
+        cls,
+        model: nn.Module,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    ) -> Member:
+        """A member from a timm model: preprocessing and architecture come from its config."""
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        arch_name = cfg.get("architecture")
+        if not arch_name:
+            raise MemberError("from_timm: the model has no pretrained_cfg['architecture']")
+        if preprocessing is None:
+            preprocessing = Preprocessing(
+                input_shape=tuple(cfg.get("input_size", (3, 224, 224))),
+                mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            )
+        label_names = read_labels(labels)
+        return cls(
+            model,
+            label_names,
+            name=name or arch_name.replace(".", "-"),
+            preprocessing=preprocessing,
+            architecture=Architecture(f"timm:{arch_name}"),
+        )
+
+    @classmethod
+    def from_torchvision(
+        cls,
+        model: nn.Module,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+        image_size: int = 224,
+    ) -> Member:
+        """A member from a torchvision model object (the architecture is found by its tensors).
+
+        Preprocessing defaults to torchvision's ImageNet normalisation at ``image_size``.
+        """
+        arch = _infer_architecture(model)
+        if arch is None:
+            raise MemberError(
+                f"from_torchvision: {type(model).__name__} matches no torchvision architecture; "
+                "use Member(module, labels, architecture='package.module:callable', ...)"
+            )
+        if preprocessing is None:
+            preprocessing = Preprocessing(
+                input_shape=(3, image_size, image_size),
+                mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225),
+            )
+        return cls(
+            model,
+            labels,
+            name=name or arch.spec.split(":", 1)[1],
+            preprocessing=preprocessing,
+            architecture=arch,
+        )
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _infer_architecture(module: nn.Module) -> Architecture | None:
+    """Find the torchvision or timm builder whose model has exactly ``module``'s tensors."""
+    cls_module = type(module).__module__
+    if cls_module.startswith("timm."):
+        arch_name = (getattr(module, "pretrained_cfg", None) or {}).get("architecture")
+        if arch_name:
+            return Architecture(f"timm:{arch_name}", _num_classes_kwargs(module))
+        return None
+    if not cls_module.startswith("torchvision.models"):
+        return None
+    import torchvision
+
+    target = _shapes(module)
+    kwargs = _num_classes_kwargs(module)
+    prefix = type(module).__name__.lower().replace("_", "")
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if not name.replace("_", "").startswith(prefix[:6]):
+            continue
+        try:
+            with torch.device("meta"):
+                candidate = torchvision.models.get_model_builder(name)(**kwargs)
+        except Exception:  # a builder that refuses these kwargs is not a match
+            continue
+        if type(candidate) is type(module) and _shapes(candidate) == target:
+            return Architecture(f"torchvision:{name}", kwargs)
+    return None
+
+
+def _num_classes_kwargs(module: nn.Module) -> dict[str, Any]:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return {"num_classes": linears[-1].out_features} if linears else {}

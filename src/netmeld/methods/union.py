@@ -1,0 +1,465 @@
+"""Union-head methods: one classifier over the union of the members' label sets.
+
+They all leave the members' trunks untouched and fit only the :class:`~netmeld.combined.UnionHead`
+(per-member scale and offset, per-class bias, an optional router) and, for some, the members'
+head copies inside the combined model.
+
+=====================  =========  ==============================================================
+method                 data       what it fits
+=====================  =========  ==============================================================
+``concat``             none       nothing: the naive "concatenate the heads" baseline
+``weight-norm``        none       per-member scale equalising the heads' mean row norms (WA)
+``center-norm``        none       heads centred (softmax-invariant), then weight-norm scaling
+``bn-standardize``     none       per-member logit standardisation from BatchNorm statistics
+``infomax``            unlabeled  per-member scale and offset maximising mutual information
+``calibrate``          labeled    per-member scale, offset and per-class bias (cross-entropy)
+``router``             labeled    a gate choosing the member, on features and member logits
+=====================  =========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import fx, nn
+
+from netmeld.errors import MethodError
+from netmeld.methods._registry import MethodParams, register_method
+
+if TYPE_CHECKING:
+    from netmeld.combined import CombinedModel
+    from netmeld.meld import Extracted
+
+
+def _heads(model: CombinedModel) -> list[nn.Linear]:
+    heads = [model.heads[name] for name in model.member_names]
+    assert all(isinstance(h, nn.Linear) for h in heads)
+    return heads  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def center_heads(model: CombinedModel) -> None:
+    """Subtract each head's mean row and mean bias: a member's own softmax is unchanged."""
+    for head in _heads(model):
+        head.weight -= head.weight.mean(dim=0, keepdim=True)
+        if head.bias is not None:
+            head.bias -= head.bias.mean()
+
+
+@torch.no_grad()
+def _norm_scales(model: CombinedModel) -> torch.Tensor:
+    norms = torch.stack([h.weight.norm(dim=1).mean() for h in _heads(model)])
+    return norms.mean() / norms
+
+
+@register_method(
+    "concat",
+    data="none",
+    reference="the naive baseline: concatenate the members' logits and take one softmax",
+)
+def fit_concat(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: MethodParams,
+) -> None:
+    """Concatenate the members' raw logits (the naive baseline, miscalibrated)."""
+
+
+@register_method(
+    "weight-norm",
+    data="none",
+    reference="Zhao et al., Maintaining Discrimination and Fairness in Class Incremental "
+    "Learning (weight aligning), CVPR 2020",
+)
+def fit_weight_norm(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: MethodParams,
+) -> None:
+    """Scale each member's logits so that its head's mean row norm equals the average."""
+    model.union.scale.data.copy_(_norm_scales(model))
+
+
+@register_method(
+    "center-norm",
+    data="none",
+    reference="weight aligning (Zhao et al. 2020) after removing each head's softmax-invariant "
+    "mean row",
+)
+def fit_center_norm(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: MethodParams,
+) -> None:
+    """Centre each head (softmax-invariant), then equalise the centred heads' row norms."""
+    center_heads(model)
+    model.union.scale.data.copy_(_norm_scales(model))
+
+
+# -- BatchNorm statistics -------------------------------------------------------------------
+
+_ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: F.relu,
+    nn.ReLU6: F.relu6,
+    nn.SiLU: F.silu,
+    nn.GELU: F.gelu,
+    nn.Hardswish: F.hardswish,
+    nn.LeakyReLU: F.leaky_relu,
+    nn.ELU: F.elu,
+}
+_FUNCTIONAL_ACTIVATIONS = {
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "hardswish": F.hardswish,
+}
+_SHAPE_ONLY = {
+    "flatten",
+    "view",
+    "reshape",
+    "squeeze",
+    "contiguous",
+    "dropout",
+    "mean",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool1d",
+    "avg_pool2d",
+}
+_SHAPE_ONLY_MODULES = (
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AvgPool2d,
+)
+
+
+def _gaussian_moments(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    points: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``fn(X)`` for ``X ~ N(mean, std^2)`` by Gauss-Hermite quadrature."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+    z = torch.tensor(nodes, dtype=torch.float64)
+    w = torch.tensor(weights / math.sqrt(2 * math.pi), dtype=torch.float64)
+    x = mean.double()[:, None] + std.double()[:, None] * z[None, :]
+    y = fn(x)
+    m1 = (y * w).sum(1)
+    m2 = (y * y * w).sum(1)
+    return m1.float(), (m2 - m1 * m1).clamp_min(1e-12).float()
+
+
+def bn_feature_moments(member: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a member's head input, from the BatchNorm that feeds it.
+
+    Walks back from the head through flatten/pool/dropout and one elementwise activation to a
+    BatchNorm layer, whose affine output is taken as ``N(beta, gamma^2)`` per channel. Spatial
+    pooling is taken to keep the variance (a factor shared by every member sharing the features,
+    so it cancels when members are compared).
+    """
+    from netmeld.graph import trace_member
+
+    t = trace_member(member)  # type: ignore[arg-type]
+    name = t.member.name
+    if not t.traced or t.graph_module is None:
+        raise MethodError(f"bn-standardize: member {name!r} cannot be traced with torch.fx")
+    gm = t.graph_module
+    node = t.body[-1]
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    for _ in range(32):
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                if mod.weight is None or mod.bias is None:
+                    gamma = torch.ones(mod.num_features)
+                    beta = torch.zeros(mod.num_features)
+                else:
+                    gamma, beta = mod.weight.detach(), mod.bias.detach()
+                std = gamma.abs().clamp_min(1e-6)
+                if activation is None:
+                    return beta.clone(), std.pow(2)
+                return _gaussian_moments(activation, beta, std)
+            if type(mod) in _ACTIVATIONS and activation is None:
+                activation = _ACTIVATIONS[type(mod)]
+            elif not isinstance(mod, _SHAPE_ONLY_MODULES):
+                break
+        elif node.op in ("call_function", "call_method"):
+            target = node.target if isinstance(node.target, str) else node.target.__name__
+            if target in _FUNCTIONAL_ACTIVATIONS and activation is None:
+                activation = _FUNCTIONAL_ACTIVATIONS[target]
+            elif target not in _SHAPE_ONLY:
+                break
+        else:
+            break
+        nxt = node.args[0] if node.args else None
+        if not isinstance(nxt, fx.Node):
+            break
+        node = nxt
+    raise MethodError(
+        f"bn-standardize: member {name!r}: its head input does not come from a BatchNorm "
+        f"through pooling and one activation (stopped at {node.format_node()}); use a "
+        "zero-data method such as 'center-norm' instead"
+    )
+
+
+@register_method(
+    "bn-standardize",
+    data="none",
+    reference="logit standardisation with feature moments from BatchNorm running statistics "
+    "(cf. data-free statistics in Yin et al., DeepInversion, CVPR 2020)",
+)
+def fit_bn_standardize(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: MethodParams,
+) -> None:
+    """Standardise each member's logits with feature moments from BatchNorm statistics."""
+    center_heads(model)
+    scales, offsets = [], []
+    for member, head in zip(model.members, _heads(model), strict=True):
+        mean, var = bn_feature_moments(member)
+        if mean.numel() != head.in_features:
+            raise MethodError(
+                f"bn-standardize: member {member.name!r}: the BatchNorm has {mean.numel()} "
+                f"channels but the head reads {head.in_features} features"
+            )
+        w = head.weight.detach()
+        b = head.bias.detach() if head.bias is not None else torch.zeros(w.shape[0])
+        mu = w @ mean + b
+        sd = (w.pow(2) @ var).sqrt()
+        scales.append(1.0 / sd.mean())
+        offsets.append(-mu.mean() / sd.mean())
+    model.union.scale.data.copy_(torch.stack(scales))
+    model.union.offset.data.copy_(torch.stack(offsets))
+
+
+# -- fitting helpers ---------------------------------------------------------------------------
+
+
+def _fit(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int) -> None:
+    optimizer = torch.optim.LBFGS(parameters, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+class InfomaxParams(MethodParams):
+    steps: int = Field(300, ge=1, description="Adam steps over the unlabeled set")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    diversity: float = Field(1.0, ge=0, description="weight of the marginal-entropy term")
+    anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
+
+
+@register_method(
+    "infomax",
+    data="unlabeled",
+    params=InfomaxParams,
+    reference="information maximization (Liang et al., SHOT, ICML 2020) applied to the union "
+    "of the members' heads over frozen features",
+)
+def fit_infomax(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: InfomaxParams,
+) -> None:
+    """Adapt the members' heads jointly so the union is confident and diverse on unlabeled data."""
+    assert extracted is not None
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+        p = out.softmax(dim=1)
+        cond = -(p * torch.log(p + 1e-12)).sum(1).mean()
+        marg = p.mean(0)
+        return cond + params.diversity * (marg * torch.log(marg + 1e-12)).sum()
+
+    fit_center_norm(model, extracted, targets, params)
+    _tune_heads(model, extracted, loss_fn, steps=params.steps, lr=params.lr, anchor=params.anchor)
+
+
+def _tune_heads(
+    model: CombinedModel,
+    extracted: Extracted,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    anchor: float,
+) -> None:
+    """Fit the head copies (with the union's scales folded in) to minimise ``loss_fn``."""
+    heads = _heads(model)
+    union = model.union
+    with torch.no_grad():
+        for i, head in enumerate(heads):  # fold the scales into the heads
+            head.weight *= union.scale[i]
+            if head.bias is not None:
+                head.bias *= union.scale[i]
+                head.bias += union.offset[i]
+        union.scale.fill_(1.0)
+        union.offset.zero_()
+    start = [p.detach().clone() for h in heads for p in h.parameters()]
+    params_ = [p for h in heads for p in h.parameters()]
+    for p in params_:
+        p.requires_grad_(True)
+    feats = extracted.features
+    optimizer = torch.optim.Adam(params_, lr=lr)
+    for _ in range(steps):
+        out = union([h(f) for h, f in zip(heads, feats, strict=True)])
+        loss = loss_fn(out) + anchor * sum(
+            (p - s).pow(2).sum() for p, s in zip(params_, start, strict=True)
+        )
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        optimizer.step()
+    for p in params_:
+        p.requires_grad_(False)
+
+
+def _centered_logits(model: CombinedModel, extracted: Extracted) -> list[torch.Tensor]:
+    """Member logits recomputed from features with the (possibly centred) head copies."""
+    with torch.no_grad():
+        return [h(f) for h, f in zip(_heads(model), extracted.features, strict=True)]
+
+
+class CalibrateParams(MethodParams):
+    steps: int = Field(200, ge=1, description="L-BFGS iterations")
+    l2: float = Field(1e-2, ge=0, description="L2 penalty on the per-class bias")
+
+
+@register_method(
+    "calibrate",
+    data="labeled",
+    params=CalibrateParams,
+    reference="temperature scaling (Guo et al., ICML 2017) per member, with offsets and "
+    "per-class bias, fitted by cross-entropy on a few labels",
+)
+def fit_calibrate(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: CalibrateParams,
+) -> None:
+    """Per-member temperature and offset and per-class bias, fitted on a few labels."""
+    assert extracted is not None and targets is not None
+    center_heads(model)
+    logits = _centered_logits(model, extracted)
+    base = _norm_scales(model)
+    m = len(model.members)
+    log_scale = torch.zeros(m, requires_grad=True)
+    offset = torch.zeros(m, requires_grad=True)
+    bias = torch.zeros(model.union.class_bias.numel(), requires_grad=True)
+    union = model.union
+
+    def loss_fn() -> torch.Tensor:
+        scale = base * torch.exp(log_scale)
+        parts = [z * scale[i] + offset[i] for i, z in enumerate(logits)]
+        out = union.merge(torch.cat(parts, dim=1) + bias)
+        return F.cross_entropy(out, targets) + params.l2 * bias.pow(2).sum()
+
+    _fit([log_scale, offset, bias], loss_fn, params.steps)
+    with torch.no_grad():
+        union.scale.copy_(base * torch.exp(log_scale))
+        union.offset.copy_(offset - offset.mean())
+        union.class_bias.copy_(bias)
+
+
+class FinetuneParams(MethodParams):
+    steps: int = Field(300, ge=1, description="Adam steps over the labeled set")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
+
+
+@register_method(
+    "finetune",
+    data="labeled",
+    params=FinetuneParams,
+    reference="few-shot fine-tuning of the concatenated heads from their centred, norm-aligned "
+    "start, with an L2 anchor (cf. L2-SP, Li et al., ICML 2018)",
+)
+def fit_finetune(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: FinetuneParams,
+) -> None:
+    """Fine-tune all heads jointly on a few labels, anchored to their centred start."""
+    assert extracted is not None and targets is not None
+    fit_center_norm(model, extracted, targets, params)
+    _tune_heads(
+        model,
+        extracted,
+        lambda out: F.cross_entropy(out, targets),
+        steps=params.steps,
+        lr=params.lr,
+        anchor=params.anchor,
+    )
+
+
+class RouterParams(MethodParams):
+    steps: int = Field(300, ge=1, description="L-BFGS iterations")
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the gate's weights")
+
+
+@register_method(
+    "router",
+    data="labeled",
+    params=RouterParams,
+    reference="a mixture of prefit experts (Jacobs et al. 1991) with a linear gate trained on "
+    "a few labels",
+)
+def fit_router(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: RouterParams,
+) -> None:
+    """A linear gate on the members' features picks the member; trained on a few labels."""
+    assert extracted is not None and targets is not None
+    center_heads(model)
+    logits = _centered_logits(model, extracted)
+    union = model.union
+    union.scale.data.copy_(_norm_scales(model))
+    x = extracted.router_input
+    union.add_router(x.shape[1])
+    assert union.router is not None
+    with torch.no_grad():
+        union.router_mean.copy_(x.mean(0))
+        union.router_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
+        union.router.weight.zero_()
+        union.router.bias.zero_()
+    union.router.weight.requires_grad_(True)
+    union.router.bias.requires_grad_(True)
+    log_scale = torch.zeros(len(model.members), requires_grad=True)
+    base = union.scale.detach().clone()
+    union.scale.data.fill_(1.0)
+    router = union.router
+
+    def loss_fn() -> torch.Tensor:
+        scaled = [z * base[i] * torch.exp(log_scale[i]) for i, z in enumerate(logits)]
+        out = union(scaled, x)
+        return F.cross_entropy(out, targets) + params.l2 * router.weight.pow(2).sum()
+
+    _fit([log_scale, router.weight, router.bias], loss_fn, params.steps)
+    with torch.no_grad():
+        union.scale.copy_(base * torch.exp(log_scale))
+    router.weight.requires_grad_(False)
+    router.bias.requires_grad_(False)

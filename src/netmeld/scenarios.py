@@ -1,0 +1,210 @@
+"""The transfer-learning scenario netmeld is built for, made reproducible.
+
+A trunk is trained on a *source* task and frozen; each member is that frozen trunk plus a
+head trained on its own subset of the *target* labels; the **oracle** is the same frozen trunk
+with one head trained on all target labels at once. The demo, the tests and the benchmarks all
+use these helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netmeld.members import Architecture, Member, Preprocessing
+
+
+def load_digits_images() -> tuple[torch.Tensor, np.ndarray]:
+    """sklearn's digits as ``(N, 1, 8, 8)`` floats in ``[0, 1]`` and integer targets."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, digits.target.astype(np.int64)
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 20,
+    lr: float = 2e-3,
+    batch_size: int = 64,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    augment: bool = False,
+) -> nn.Module:
+    """Train ``model`` end to end with Adam and cross-entropy (deterministic for ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * ((len(x) + batch_size - 1) // batch_size)
+    )
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            xb = x[idx]
+            if augment:
+                shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+                xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def train_linear_head(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 60,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> nn.Linear:
+    """A linear head on frozen features, trained as people do (Adam, softmax cross-entropy)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(features.shape[1], num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=gen)
+        for start in range(0, len(features), 128):
+            idx = order[start : start + 128]
+            loss = F.cross_entropy(head(features[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+@dataclass
+class Scenario:
+    """Members over disjoint label subsets on one frozen trunk, plus the oracle and test data."""
+
+    members: list[Member]
+    oracle: Member
+    test: tuple[torch.Tensor, list[str]]
+    pool: torch.Tensor  # target-domain training inputs (for unlabeled / few-label fits)
+    pool_labels: list[str]
+
+
+def make_members(
+    trunk_model: nn.Module,
+    *,
+    features_of: Callable[[torch.Tensor], torch.Tensor],
+    head_attr: str,
+    x_train: torch.Tensor,
+    y_train: np.ndarray,
+    class_names: Sequence[str],
+    splits: Sequence[Sequence[int]],
+    preprocessing: Preprocessing,
+    architecture: Architecture | None,
+    seed: int = 0,
+    head_epochs: int = 60,
+) -> tuple[list[Member], Member]:
+    """Members (one per split of class indices) and the oracle, sharing ``trunk_model``'s body.
+
+    ``features_of`` maps raw inputs to head inputs (the frozen body); each member is a deep copy
+    of ``trunk_model`` whose ``head_attr`` is replaced by a head trained on its classes only.
+    """
+    with torch.no_grad():
+        feats = torch.cat([features_of(x_train[i : i + 512]) for i in range(0, len(x_train), 512)])
+    y = torch.as_tensor(y_train)
+
+    def member_for(classes: Sequence[int], name: str, offset: int) -> Member:
+        rows = torch.isin(y, torch.tensor(list(classes)))
+        remap = {c: i for i, c in enumerate(classes)}
+        targets = torch.tensor([remap[int(v)] for v in y[rows]])
+        head = train_linear_head(
+            feats[rows], targets, len(classes), epochs=head_epochs, seed=seed + offset
+        )
+        module = copy.deepcopy(trunk_model)
+        setattr(module, head_attr, head)
+        return Member(
+            module.eval(),
+            [class_names[c] for c in classes],
+            name=name,
+            preprocessing=preprocessing,
+            architecture=None
+            if architecture is None
+            else Architecture(
+                architecture.spec, {**architecture.kwargs, "num_classes": len(classes)}
+            ),
+        )
+
+    members = [member_for(classes, f"m{i + 1}", i + 1) for i, classes in enumerate(splits)]
+    all_classes = sorted({c for s in splits for c in s})
+    oracle = member_for(all_classes, "oracle", 0)
+    return members, oracle
+
+
+def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenario:
+    """sklearn digits: trunk trained on a source half, members' heads on the target half."""
+    from netmeld.zoo import SmallCNN
+
+    x, y = load_digits_images()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    source, target = order[: len(x) // 2], order[len(x) // 2 :]
+    train_t, test_t = target[: len(target) * 3 // 5], target[len(target) * 3 // 5 :]
+    torch.manual_seed(seed)
+    trunk = SmallCNN(num_classes=10, in_channels=1, width=16, blocks=2)
+    mean, std = 0.3, 0.4
+    train_classifier(
+        trunk,
+        (x[source] - mean) / std,
+        torch.as_tensor(y[source]),
+        epochs=15,
+        seed=seed,
+        augment=True,
+    )
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    names = [str(d) for d in range(10)]
+    members, oracle = make_members(
+        trunk,
+        features_of=lambda inputs: trunk.features((inputs - mean) / std),
+        head_attr="fc",
+        x_train=x[train_t],
+        y_train=y[train_t],
+        class_names=names,
+        splits=splits,
+        preprocessing=Preprocessing((1, 8, 8), mean=(mean,), std=(std,)),
+        architecture=Architecture(
+            "netmeld.zoo:small_cnn", {"in_channels": 1, "width": 16, "blocks": 2}
+        ),
+        seed=seed,
+    )
+    return Scenario(
+        members,
+        oracle,
+        (x[test_t], [names[v] for v in y[test_t]]),
+        x[train_t],
+        [names[v] for v in y[train_t]],
+    )
+
+
+def few_per_class(labels: Sequence[str], k: int, *, seed: int = 0) -> list[int]:
+    """Indices of ``k`` examples of each label (fewer where a label has fewer), seeded."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    chosen: list[int] = []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        chosen.extend(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
+    return sorted(chosen)
