@@ -175,7 +175,7 @@ def render_table(
     table.add_column("method")
     table.add_column("union acc", justify="right")
     if ref is not None:
-        table.add_column(f"vs {ref.name}", justify="right")
+        table.add_column(f"Δ {ref.name.split(' ')[0]}", justify="right")
     table.add_column("member acc (known)", justify="right")
     table.add_column("task confusion", justify="right")
     table.add_column("ECE", justify="right")

@@ -1,0 +1,331 @@
+"""The ``netmeld`` command line: a thin layer over the Python API.
+
+Errors are printed as one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from netmeld._version import __version__
+from netmeld.errors import NetmeldError
+
+_console = Console(width=120)
+_errors = Console(stderr=True, width=120)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from netmeld.demo import run
+
+    run(args.out, seed=args.seed, console=_console)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from netmeld.methods import method_infos
+
+    table = Table(title="registered methods", title_justify="left")
+    table.add_column("method")
+    table.add_column("data")
+    table.add_column("what it does")
+    table.add_column("parameters")
+    for info in method_infos():
+        params = ", ".join(f"{k}={v.default}" for k, v in info.params.model_fields.items()) or "-"
+        table.add_row(info.name, info.data, info.summary, params)
+    _console.print(table)
+    return 0
+
+
+def _cmd_meld(args: argparse.Namespace) -> int:
+    from netmeld.recipe import run_recipe
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = run_recipe(args.recipe)
+    model.save(out, overwrite=args.overwrite)
+    _console.print(
+        f"saved {len(model.labels)} labels from {len(model.members)} members "
+        f"(method {model.method['name']!r}) to [bold]{out}[/bold]"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from netmeld.combined import load
+    from netmeld.data import load_data
+    from netmeld.evaluate import evaluate, render_table
+
+    models = {str(path): load(path) for path in args.models}
+    first = next(iter(models.values()))
+    data = load_data(args.data, first.input_shape, require_labels=True, what="--data")
+    reports = [
+        evaluate(m, data, name=f"{name} ({m.method.get('name')})", batch_size=args.batch_size)
+        for name, m in models.items()
+    ]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        _console.print(render_table(reports, title=f"{len(data)} examples from {args.data}"))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from netmeld.combined import load
+    from netmeld.data import image_files, read_image
+
+    model = load(args.model)
+    files: list[Path] = []
+    for f in args.files:
+        p = Path(f)
+        files.extend(image_files(p) if p.is_dir() else [p])
+    if not files:
+        raise NetmeldError("no image files given")
+    x = torch.stack([read_image(p, model.input_shape) for p in files])
+    probs = model.predict_proba(x)
+    top = min(args.top, len(model.labels))
+    rows = []
+    for path, p in zip(files, probs, strict=True):
+        values, idx = p.topk(top)
+        ranked = [(model.labels[i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)]
+        rows.append({"file": str(path), "predictions": ranked})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        ranked = ", ".join(f"{label} {100 * v:.1f}%" for label, v in row["predictions"])
+        _console.print(f"{row['file']}: {ranked}", highlight=False)
+    return 0
+
+
+def _inspect_members(items: Sequence[str], arch: str | None) -> list[Any]:
+    from netmeld.combined import CONFIG_FILE, load
+    from netmeld.members import Member, Preprocessing, read_state_dict
+    from netmeld.recipe import read_recipe, recipe_members
+
+    members: list[Any] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and (p / CONFIG_FILE).is_file():
+            members.extend(load(p).members)
+        elif p.suffix in (".yaml", ".yml"):
+            recipe, base = read_recipe(p)
+            members.extend(recipe_members(recipe, base))
+        else:
+            if arch is None:
+                raise NetmeldError(
+                    f"{item!r}: give a recipe (.yaml), a netmeld model folder, or a checkpoint "
+                    "with --arch ARCHITECTURE"
+                )
+            tensors = read_state_dict(p)
+            num = _num_outputs(arch, tensors, item)
+            members.append(
+                Member.from_checkpoint(
+                    p,
+                    arch,
+                    [f"class{i}" for i in range(num)],
+                    name=_unique(p.stem, members),
+                    preprocessing=Preprocessing((3, 224, 224)),
+                )
+            )
+    return members
+
+
+def _unique(name: str, members: Sequence[Any]) -> str:
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_\-]", "-", name) or "member"
+    taken = {m.name for m in members}
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}-{i}", i + 1
+    return candidate
+
+
+def _num_outputs(arch: str, tensors: dict[str, Any], item: str) -> int:
+    """The number of classes a checkpoint's head has, read from its tensors."""
+    from netmeld.graph import find_head
+    from netmeld.members import Architecture, Member, Preprocessing
+
+    module = Architecture.parse(arch).build()
+    out = [m for m in module.modules() if hasattr(m, "out_features")]
+    probe = (
+        Member(
+            module,
+            [f"c{i}" for i in range(out[-1].out_features)],
+            name="probe",
+            preprocessing=Preprocessing((3, 224, 224)),
+        )
+        if out
+        else None
+    )
+    head = find_head(probe) if probe is not None else None
+    key = f"{head}.weight" if head else None
+    if key is None or key not in tensors:
+        raise NetmeldError(f"{item!r}: cannot find the head tensor {key!r} in the checkpoint")
+    return int(tensors[key].shape[0])
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from netmeld.graph import plan_groups, share_summary, trace_member
+
+    members = _inspect_members(args.items, args.arch)
+    traced = [trace_member(m) for m in members]
+    rows = share_summary(traced, plan_groups(traced))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"{len(members)} members", title_justify="left")
+    for col in (
+        "member",
+        "labels",
+        "shares trunk with",
+        "trunk params",
+        "own params",
+        "head",
+        "diverges at",
+    ):
+        table.add_column(col, justify="right" if "params" in col else "left")
+    by_name = {m.name: m for m in members}
+    for r in rows:
+        labels = by_name[r["member"]].labels
+        table.add_row(
+            r["member"],
+            ", ".join(labels[:4]) + (f" (+{len(labels) - 4})" if len(labels) > 4 else ""),
+            ", ".join(r["shared_with"]) or "-",
+            f"{r['trunk_parameters']:,}",
+            f"{r['own_parameters']:,}",
+            f"{r['head']} ({r['head_parameters']:,})",
+            r["diverges_at"] or "-",
+        )
+    _console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netmeld",
+        description="Combine trained classifiers into one model over the union of their labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"netmeld {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in digits demo (no download, ~1 minute)",
+        description="Train members on sklearn's digits, combine them with every "
+        "registered method, print a leaderboard and save the best model.",
+    )
+    p.add_argument(
+        "--out",
+        default="netmeld-demo-model",
+        help="folder to save the best combined model to (default: %(default)s; "
+        "a previous demo model there is replaced)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "methods",
+        help="list the registered methods",
+        description="List every registered method, the data it needs and its "
+        "parameters with their defaults.",
+    )
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser(
+        "meld",
+        help="combine members described by a YAML recipe",
+        description="Load the members of RECIPE.yaml, combine them with its "
+        "method and data, and save the combined model to a folder.",
+    )
+    p.add_argument("recipe", help="the YAML recipe (members, method, params, data)")
+    p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_cmd_meld)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate combined models on labeled data",
+        description="Union accuracy, per-member accuracy with the member known, "
+        "task confusion, calibration error, parameters and latency, one row per "
+        "model.",
+    )
+    p.add_argument("models", nargs="+", help="combined-model folders (several: side by side)")
+    p.add_argument("--data", required=True, help="a folder with one subfolder of images per label")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="batch size for evaluation and latency (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict labels for image files",
+        description="Print the top labels and probabilities for each image.",
+    )
+    p.add_argument("model", help="a combined-model folder")
+    p.add_argument("files", nargs="+", help="image files, or folders of images")
+    p.add_argument("--top", type=int, default=3, help="labels to show per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what members share and where they diverge",
+        description="Find each member's head and the trunk members share with "
+        "identical parameters; print parameter counts.",
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        help="recipes (.yaml), combined-model folders, or checkpoints (with --arch)",
+    )
+    p.add_argument("--arch", help="architecture of checkpoint files, e.g. torchvision:resnet18")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        _errors.print("interrupted")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, NetmeldError):
+            _errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            return 2
+        _errors.print(
+            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+            "(run with --debug for the traceback)",
+            highlight=False,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""YAML recipes for ``netmeld meld``: members, a method, its parameters and data.
+
+.. code-block:: yaml
+
+    members:
+      - name: pets
+        checkpoint: pets.safetensors          # or .pt/.pth (read with weights_only=True)
+        architecture: torchvision:resnet18    # timm:NAME, or package.module:callable
+        labels: [cat, dog]                    # or a file: one label per line
+        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
+                        std: [0.229, 0.224, 0.225]}
+      - name: people
+        checkpoint: people.safetensors
+        architecture: torchvision:resnet18
+        labels: [man, woman]
+        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
+                        std: [0.229, 0.224, 0.225]}
+    method: infomax
+    params: {steps: 300}
+    data: unlabeled_images/                   # a folder; paths are relative to the recipe
+
+The recipe is checked whole when it is read (method name, parameters, whether the method
+needs data), before any checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from netmeld.errors import MethodError, RecipeError
+from netmeld.members import Member, Preprocessing
+from netmeld.methods import get_method
+
+
+class PreprocessingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class MemberSpec(BaseModel):
+    """One member: a checkpoint, the architecture that reads it, its labels, its input."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    checkpoint: str
+    architecture: str
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    labels: list[str] | str
+    preprocessing: PreprocessingSpec
+    head: str | None = None
+
+
+class Recipe(BaseModel):
+    """A whole ``netmeld meld`` recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: list[MemberSpec] = Field(min_length=1)
+    method: str = "concat"
+    params: dict[str, Any] = Field(default_factory=dict)
+    data: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        info = get_method(self.method)
+        info.validate_params(self.params)
+        if info.data != "none" and self.data is None:
+            raise MethodError(
+                f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
+            )
+        names = [m.name or Path(m.checkpoint).stem for m in self.members]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"two members are named {name!r}; member names must be unique")
+        return self
+
+
+def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """Parse and validate a recipe file; returns it and the folder its paths are relative to."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with 'members' and 'method'")
+    try:
+        return Recipe.model_validate(raw), path.parent
+    except MethodError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
+    """Load the recipe's members from their checkpoints."""
+    members = []
+    for spec in recipe.members:
+        labels: Any = spec.labels
+        if isinstance(labels, str):
+            labels = _resolve(base, labels)
+        members.append(
+            Member.from_checkpoint(
+                _resolve(base, spec.checkpoint),
+                spec.architecture,
+                labels,
+                name=spec.name,
+                preprocessing=Preprocessing(**spec.preprocessing.model_dump()),
+                architecture_kwargs=spec.architecture_kwargs,
+                head=spec.head,
+            )
+        )
+    return members
+
+
+def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
+    """Read a recipe, load its members and data, and return the combined model."""
+    from netmeld.meld import meld
+
+    recipe, base = read_recipe(path)
+    members = recipe_members(recipe, base)
+    data = None if recipe.data is None else _resolve(base, recipe.data)
+    return meld(
+        members,
+        recipe.method,
+        data,
+        params=recipe.params,
+        input_shape=recipe.input_shape,
+        seed=recipe.seed,
+        progress=progress,
+    )
