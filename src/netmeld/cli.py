@@ -99,8 +99,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     rows = []
     for path, p in zip(files, probs, strict=True):
         values, idx = p.topk(top)
-        ranked = [(model.labels[i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)]
-        rows.append({"file": str(path), "predictions": ranked})
+        top_labels = [
+            (model.labels[i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)
+        ]
+        rows.append({"file": str(path), "predictions": top_labels})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -164,7 +166,7 @@ def _num_outputs(arch: str, tensors: dict[str, Any], item: str) -> int:
     probe = (
         Member(
             module,
-            [f"c{i}" for i in range(out[-1].out_features)],
+            [f"c{i}" for i in range(int(getattr(out[-1], "out_features", 0)))],
             name="probe",
             preprocessing=Preprocessing((3, 224, 224)),
         )
@@ -317,12 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, NetmeldError):
-            _errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            _errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             return 2
         _errors.print(
             f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
             "(run with --debug for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         return 1
 

@@ -48,6 +48,9 @@ CONFIG_FILE = "netmeld.json"
 class Preprocess(nn.Module):
     """Adapts a raw input to a member's shape (channels, size) and normalisation."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, input_shape: Sequence[int], preprocessing: Preprocessing) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
@@ -121,6 +124,11 @@ def check_input_shapes(
 
 class UnionHead(nn.Module):
     """Turns per-member logits into logits over the union label space (see module docs)."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    router_mean: torch.Tensor
+    router_std: torch.Tensor
 
     def __init__(
         self,

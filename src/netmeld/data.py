@@ -194,7 +194,7 @@ def _pil_to_tensor(image: Any, shape: tuple[int, ...]) -> torch.Tensor:
     channels, height, width = shape
     image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
     arr = np.asarray(image, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))

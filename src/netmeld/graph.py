@@ -96,7 +96,7 @@ def _last_linear_in_execution_order(member: Member) -> nn.Module | None:
         return linears[-1] if linears else None
     last = None
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear):
             last = node.target
     return None if last is None else member.module.get_submodule(last)
 
@@ -179,7 +179,7 @@ def _check_output_is_head(member: Member, gm: fx.GraphModule, head: fx.Node) -> 
     while isinstance(node, fx.Node) and node is not head:
         passes = False
         if node.op == "call_module":
-            passes = isinstance(gm.get_submodule(node.target), _PASS_THROUGH_MODULES)
+            passes = isinstance(gm.get_submodule(str(node.target)), _PASS_THROUGH_MODULES)
         elif node.op in ("call_function", "call_method"):
             target = node.target if isinstance(node.target, str) else node.target.__name__
             passes = target in _PASS_THROUGH_FUNCTIONS
@@ -223,9 +223,9 @@ def _signatures(member: Member, gm: fx.GraphModule, body: list[fx.Node]) -> list
         if n.op == "placeholder":
             sigs.append(("placeholder", repr(member.preprocessing)))
         elif n.op == "call_module":
-            sigs.append(("call_module", _module_signature(gm.get_submodule(n.target)), args))
+            sigs.append(("call_module", _module_signature(gm.get_submodule(str(n.target))), args))
         elif n.op == "get_attr":
-            attr = _fetch_attr(gm, n.target)
+            attr = _fetch_attr(gm, str(n.target))
             value = tensor_digest(attr) if isinstance(attr, torch.Tensor) else repr(attr)
             sigs.append(("get_attr", value))
         elif n.op == "call_function":
@@ -392,9 +392,11 @@ def _params_in(t: TracedMember, cut: int | None) -> int:
     total = 0
     for n in t.body[:cut]:
         if n.op == "call_module":
-            tensors: list[torch.Tensor] = list(t.graph_module.get_submodule(n.target).parameters())
+            tensors: list[torch.Tensor] = list(
+                t.graph_module.get_submodule(str(n.target)).parameters()
+            )
         elif n.op == "get_attr":
-            attr = _fetch_attr(t.graph_module, n.target)
+            attr = _fetch_attr(t.graph_module, str(n.target))
             tensors = [attr] if isinstance(attr, nn.Parameter) else []
         else:
             tensors = []

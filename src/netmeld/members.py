@@ -8,6 +8,7 @@ safetensors, or ``torch.load(..., weights_only=True)`` for ``.pt``/``.pth`` file
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -124,7 +125,11 @@ class Architecture:
         return cls(spec, dict(kwargs or {}))
 
     def build(self, num_classes: int | None = None) -> nn.Module:
-        """Build the module with fresh weights (``num_classes`` fills in for torchvision/timm)."""
+        """Build the module with fresh weights.
+
+        ``num_classes`` is passed to torchvision and timm builders, and to a callable that has a
+        ``num_classes`` parameter, unless ``kwargs`` sets it.
+        """
         source, name = self.spec.split(":", 1)
         kwargs = dict(self.kwargs)
         builder: Callable[..., Any]
@@ -167,6 +172,8 @@ class Architecture:
                 raise MemberError(
                     f"architecture {self.spec!r}: module {source!r} has no callable {name!r}"
                 )
+            if num_classes is not None and _accepts(builder, "num_classes"):
+                kwargs.setdefault("num_classes", num_classes)
         try:
             model = builder(**kwargs)
         except TypeError as exc:
@@ -232,16 +239,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Load ``tensors`` into ``module`` strictly, naming the first tensor that does not fit."""
     expected = module.state_dict()
-    for name, tensor in tensors.items():
+    for name in tensors:
         if name not in expected:
             raise CheckpointError(
                 f"{what}: tensor {name!r} is not in the architecture "
                 f"(it has {len(expected)} tensors, e.g. {sorted(expected)[:3]})"
             )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, want in expected.items():  # in the architecture's order
+        if name not in tensors:
+            continue
+        if tuple(tensors[name].shape) != tuple(want.shape):
             raise CheckpointError(
-                f"{what}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the architecture expects {tuple(expected[name].shape)}"
+                f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"the architecture expects {tuple(want.shape)}"
             )
     missing = [name for name in expected if name not in tensors]
     if missing:
@@ -427,6 +437,13 @@ class Member:
             preprocessing=preprocessing,
             architecture=arch,
         )
+
+
+def _accepts(fn: Callable[..., Any], parameter: str) -> bool:
+    try:
+        return parameter in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

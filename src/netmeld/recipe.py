@@ -102,7 +102,9 @@ def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
         raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
 

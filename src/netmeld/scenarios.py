@@ -90,6 +90,16 @@ def train_linear_head(
     return head.eval()
 
 
+# Members come from different people: each head is trained with its own schedule. The oracle
+# (offset 0) uses the first; members cycle through the rest.
+HEAD_RECIPES = [  # (epochs, learning rate, weight decay)
+    (60, 1e-2, 1e-4),
+    (40, 1e-2, 1e-3),
+    (150, 2e-2, 0.0),
+    (80, 5e-3, 1e-4),
+]
+
+
 @dataclass
 class Scenario:
     """Members over disjoint label subsets on one frozen trunk, plus the oracle and test data."""
@@ -113,7 +123,6 @@ def make_members(
     preprocessing: Preprocessing,
     architecture: Architecture | None,
     seed: int = 0,
-    head_epochs: int = 60,
 ) -> tuple[list[Member], Member]:
     """Members (one per split of class indices) and the oracle, sharing ``trunk_model``'s body.
 
@@ -128,8 +137,15 @@ def make_members(
         rows = torch.isin(y, torch.tensor(list(classes)))
         remap = {c: i for i, c in enumerate(classes)}
         targets = torch.tensor([remap[int(v)] for v in y[rows]])
+        epochs, lr, weight_decay = HEAD_RECIPES[offset % len(HEAD_RECIPES)]
         head = train_linear_head(
-            feats[rows], targets, len(classes), epochs=head_epochs, seed=seed + offset
+            feats[rows],
+            targets,
+            len(classes),
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed + offset,
         )
         module = copy.deepcopy(trunk_model)
         setattr(module, head_attr, head)

@@ -3,6 +3,7 @@ combined model can rebuild them (``architecture="netmeld.zoo:small_cnn"``)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -31,7 +32,7 @@ class SmallCNN(nn.Module):
         self.num_features = channels
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
 
@@ -57,7 +58,7 @@ class MLP(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(width, num_classes)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
 

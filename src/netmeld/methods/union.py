@@ -9,11 +9,11 @@ method                 data       what it fits
 =====================  =========  ==============================================================
 ``concat``             none       nothing: the naive "concatenate the heads" baseline
 ``weight-norm``        none       per-member scale equalising the heads' mean row norms (WA)
-``center-norm``        none       heads centred (softmax-invariant), then weight-norm scaling
-``bn-standardize``     none       per-member logit standardisation from BatchNorm statistics
-``infomax``            unlabeled  per-member scale and offset maximising mutual information
+``bn-standardize``     none       per-member scale from the logits' spread under BatchNorm stats
+``infomax``            unlabeled  heads adapted jointly to maximise the union's mutual information
 ``calibrate``          labeled    per-member scale, offset and per-class bias (cross-entropy)
-``router``             labeled    a gate choosing the member, on features and member logits
+``finetune``           labeled    all heads fine-tuned jointly, anchored to their start
+``router``             labeled    a gate choosing the member, on the members' features
 =====================  =========  ==============================================================
 """
 
@@ -46,9 +46,9 @@ def _heads(model: CombinedModel) -> list[nn.Linear]:
 def center_heads(model: CombinedModel) -> None:
     """Subtract each head's mean row and mean bias: a member's own softmax is unchanged."""
     for head in _heads(model):
-        head.weight -= head.weight.mean(dim=0, keepdim=True)
+        head.weight.sub_(head.weight.mean(dim=0, keepdim=True))
         if head.bias is not None:
-            head.bias -= head.bias.mean()
+            head.bias.sub_(head.bias.mean())
 
 
 @torch.no_grad()
@@ -87,18 +87,7 @@ def fit_weight_norm(
     model.union.scale.data.copy_(_norm_scales(model))
 
 
-@register_method(
-    "center-norm",
-    data="none",
-    reference="weight aligning (Zhao et al. 2020) after removing each head's softmax-invariant "
-    "mean row",
-)
-def fit_center_norm(
-    model: CombinedModel,
-    extracted: Extracted | None,
-    targets: torch.Tensor | None,
-    params: MethodParams,
-) -> None:
+def fit_center_norm(model: CombinedModel) -> None:
     """Centre each head (softmax-invariant), then equalise the centred heads' row norms."""
     center_heads(model)
     model.union.scale.data.copy_(_norm_scales(model))
@@ -115,7 +104,7 @@ _ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
     nn.LeakyReLU: F.leaky_relu,
     nn.ELU: F.elu,
 }
-_FUNCTIONAL_ACTIVATIONS = {
+_FUNCTIONAL_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "relu6": F.relu6,
     "silu": F.silu,
@@ -182,7 +171,7 @@ def bn_feature_moments(member: object) -> tuple[torch.Tensor, torch.Tensor]:
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
     for _ in range(32):
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
+            mod = gm.get_submodule(str(node.target))
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 if mod.weight is None or mod.bias is None:
                     gamma = torch.ones(mod.num_features)
@@ -212,7 +201,7 @@ def bn_feature_moments(member: object) -> tuple[torch.Tensor, torch.Tensor]:
     raise MethodError(
         f"bn-standardize: member {name!r}: its head input does not come from a BatchNorm "
         f"through pooling and one activation (stopped at {node.format_node()}); use a "
-        "zero-data method such as 'center-norm' instead"
+        "zero-data method such as 'weight-norm' instead"
     )
 
 
@@ -228,9 +217,8 @@ def fit_bn_standardize(
     targets: torch.Tensor | None,
     params: MethodParams,
 ) -> None:
-    """Standardise each member's logits with feature moments from BatchNorm statistics."""
-    center_heads(model)
-    scales, offsets = [], []
+    """Divide each member's logits by their spread predicted from BatchNorm statistics."""
+    scales = []
     for member, head in zip(model.members, _heads(model), strict=True):
         mean, var = bn_feature_moments(member)
         if mean.numel() != head.in_features:
@@ -238,14 +226,10 @@ def fit_bn_standardize(
                 f"bn-standardize: member {member.name!r}: the BatchNorm has {mean.numel()} "
                 f"channels but the head reads {head.in_features} features"
             )
-        w = head.weight.detach()
-        b = head.bias.detach() if head.bias is not None else torch.zeros(w.shape[0])
-        mu = w @ mean + b
-        sd = (w.pow(2) @ var).sqrt()
+        sd = (head.weight.detach().pow(2) @ var).sqrt()
         scales.append(1.0 / sd.mean())
-        offsets.append(-mu.mean() / sd.mean())
-    model.union.scale.data.copy_(torch.stack(scales))
-    model.union.offset.data.copy_(torch.stack(offsets))
+    scale = torch.stack(scales)
+    model.union.scale.data.copy_(scale / scale.mean())
 
 
 # -- fitting helpers ---------------------------------------------------------------------------
@@ -292,7 +276,7 @@ def fit_infomax(
         marg = p.mean(0)
         return cond + params.diversity * (marg * torch.log(marg + 1e-12)).sum()
 
-    fit_center_norm(model, extracted, targets, params)
+    fit_center_norm(model)
     _tune_heads(model, extracted, loss_fn, steps=params.steps, lr=params.lr, anchor=params.anchor)
 
 
@@ -310,10 +294,9 @@ def _tune_heads(
     union = model.union
     with torch.no_grad():
         for i, head in enumerate(heads):  # fold the scales into the heads
-            head.weight *= union.scale[i]
+            head.weight.mul_(union.scale[i])
             if head.bias is not None:
-                head.bias *= union.scale[i]
-                head.bias += union.offset[i]
+                head.bias.mul_(union.scale[i]).add_(union.offset[i])
         union.scale.fill_(1.0)
         union.offset.zero_()
     start = [p.detach().clone() for h in heads for p in h.parameters()]
@@ -328,7 +311,7 @@ def _tune_heads(
             (p - s).pow(2).sum() for p, s in zip(params_, start, strict=True)
         )
         optimizer.zero_grad()
-        loss.backward()  # type: ignore[union-attr]
+        loss.backward()
         optimizer.step()
     for p in params_:
         p.requires_grad_(False)
@@ -403,7 +386,7 @@ def fit_finetune(
 ) -> None:
     """Fine-tune all heads jointly on a few labels, anchored to their centred start."""
     assert extracted is not None and targets is not None
-    fit_center_norm(model, extracted, targets, params)
+    fit_center_norm(model)
     _tune_heads(
         model,
         extracted,
@@ -440,18 +423,18 @@ def fit_router(
     union.scale.data.copy_(_norm_scales(model))
     x = extracted.router_input
     union.add_router(x.shape[1])
-    assert union.router is not None
+    router = union.router
+    assert router is not None
     with torch.no_grad():
         union.router_mean.copy_(x.mean(0))
         union.router_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
-        union.router.weight.zero_()
-        union.router.bias.zero_()
-    union.router.weight.requires_grad_(True)
-    union.router.bias.requires_grad_(True)
+        router.weight.zero_()
+        router.bias.zero_()
+    router.weight.requires_grad_(True)
+    router.bias.requires_grad_(True)
     log_scale = torch.zeros(len(model.members), requires_grad=True)
     base = union.scale.detach().clone()
     union.scale.data.fill_(1.0)
-    router = union.router
 
     def loss_fn() -> torch.Tensor:
         scaled = [z * base[i] * torch.exp(log_scale[i]) for i, z in enumerate(logits)]

@@ -1,0 +1,127 @@
+"""The command line: recipes, meld, eval, predict, inspect, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+import netmeld
+from netmeld.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, digits2):
+    """Members saved as checkpoints, a recipe, and labeled/unlabeled image folders."""
+    root = tmp_path_factory.mktemp("cli")
+    members = []
+    for m in digits2.members:
+        save_file(m.module.state_dict(), str(root / f"{m.name}.safetensors"))
+        members.append(
+            {
+                "name": m.name,
+                "checkpoint": f"{m.name}.safetensors",
+                "architecture": "netmeld.zoo:small_cnn",
+                "architecture_kwargs": {"in_channels": 1, "width": 16, "blocks": 2},
+                "labels": list(m.labels),
+                "preprocessing": {"input_shape": [1, 8, 8], "mean": [0.3], "std": [0.4]},
+            }
+        )
+    x, labels = digits2.test
+    for i, (img, label) in enumerate(zip(x[:120], labels[:120], strict=True)):
+        folder = root / "test" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    (root / "unlabeled").mkdir()
+    for i, img in enumerate(digits2.pool[:200]):
+        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(
+            root / "unlabeled" / f"{i}.png"
+        )
+    recipe = {"members": members, "method": "infomax", "data": "unlabeled"}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def test_meld_eval_predict_from_a_recipe(workspace, capsys):
+    out = workspace / "model"
+    assert main(["meld", str(workspace / "recipe.yaml"), "-o", str(out)]) == 0
+    model = netmeld.load(out)
+    assert model.method["name"] == "infomax" and model.method["examples"] == 200
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(workspace / "test"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["examples"] == 120 and report["union_accuracy"] > 0.7
+    image = workspace / "test" / "3" / next(p.name for p in (workspace / "test" / "3").iterdir())
+    assert main(["predict", str(out), str(image), "--json", "--top", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["file"] == str(image) and len(rows[0]["predictions"]) == 2
+    assert rows[0]["predictions"][0][0] in model.labels
+
+
+def test_recipe_melds_the_same_model_as_the_python_api(workspace, digits2, tmp_path):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe["method"] = "weight-norm"
+    recipe.pop("data")
+    (workspace / "wn.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["meld", str(workspace / "wn.yaml"), "-o", str(tmp_path / "wn")]) == 0
+    via_cli = netmeld.load(tmp_path / "wn")
+    via_api = netmeld.meld(digits2.members, "weight-norm")
+    x = digits2.test[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(via_cli(x), via_api(x))
+
+
+def test_inspect_reports_the_shared_trunk(workspace, capsys):
+    assert main(["inspect", str(workspace / "recipe.yaml"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["shared_with"] for r in rows] == [["m2"], ["m1"]]
+    assert rows[0]["diverges_at"] == "at head 'fc'"
+    assert rows[0]["trunk_parameters"] == rows[1]["trunk_parameters"] > 0
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(workspace, tmp_path, capsys):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe["method"] = "averaging"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    code = main(["meld", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown method 'averaging'" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(netmeld.RecipeError):
+        main(["--debug", "meld", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "o")])
+
+
+def test_recipe_missing_data_for_a_data_method_fails_before_loading(workspace, tmp_path, capsys):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe.pop("data")
+    recipe["members"][0]["checkpoint"] = "does-not-exist.safetensors"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["meld", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "needs unlabeled data" in capsys.readouterr().err
+
+
+def test_meld_refuses_to_overwrite(workspace, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    assert main(["meld", str(workspace / "recipe.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in netmeld.list_methods():
+        assert name in out
+
+
+def test_help_explains_every_option(capsys):
+    for command in ("meld", "eval", "predict", "inspect", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--" in text and "usage" in text
