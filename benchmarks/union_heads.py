@@ -35,12 +35,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import netmeld  # noqa: E402
-from netmeld.evaluate import metrics_from_logits  # noqa: E402
-from netmeld.members import Preprocessing  # noqa: E402
-from netmeld.meld import extract  # noqa: E402
-from netmeld.methods import get_method, list_methods  # noqa: E402
-from netmeld.scenarios import (  # noqa: E402
+import netmeld
+from netmeld.evaluate import metrics_from_logits
+from netmeld.meld import extract
+from netmeld.members import Preprocessing
+from netmeld.methods import get_method, list_methods
+from netmeld.scenarios import (
     Scenario,
     digits_scenario,
     features_of,
@@ -48,7 +48,7 @@ from netmeld.scenarios import (  # noqa: E402
     make_members,
     train_classifier,
 )
-from netmeld.zoo import SmallCNN  # noqa: E402
+from netmeld.zoo import SmallCNN
 
 SPLITS = {
     "2 members": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
