@@ -245,6 +245,7 @@ if __name__ == "__main__":
     print("num_classes=10: backbone loaded, _fc re-initialised")
     with torch.no_grad():
         x = normalize(torch.rand(32, 3, 224, 224))
+        net.forward_features(x[:4])  # warm-up
         t0 = time.perf_counter()
         net.forward_features(x)
         print(f"224px forward: {32 / (time.perf_counter() - t0):.1f} images/s on this CPU")

@@ -65,6 +65,7 @@ class Source:
 
     name: str
     build: Callable[[list[list[int]], int], Scenario]
+    input_shape: tuple[int, ...] | None = None  # the raw input, when members resize it
 
 
 def _mnist_like(
@@ -289,7 +290,7 @@ def main() -> None:
             for seed in args.seeds:
                 start = time.perf_counter()
                 sc = source.build(splits, seed)
-                runs.append(run_scenario(sc, seed, None))
+                runs.append(run_scenario(sc, seed, source.input_shape))
                 print(
                     f"  {source.name}, {split_name}, seed {seed}: "
                     f"{time.perf_counter() - start:.0f} s",

@@ -125,3 +125,20 @@ def test_help_explains_every_option(capsys):
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "--" in text and "usage" in text
+
+
+def test_inspect_checkpoints_with_an_architecture(workspace, capsys):
+    args = [
+        "inspect",
+        str(workspace / "m1.safetensors"),
+        str(workspace / "m2.safetensors"),
+        "--arch",
+        "netmeld.zoo:small_cnn",
+    ]
+    assert main(args) == 2  # the default width does not fit these checkpoints
+    assert "has shape" in capsys.readouterr().err
+    kwargs = json.dumps({"in_channels": 1, "width": 16, "blocks": 2})
+    assert main([*args, "--arch-kwargs", kwargs, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["member"] for r in rows] == ["m1", "m2"]
+    assert rows[0]["shared_with"] == ["m2"] and rows[0]["trunk_parameters"] > 0

@@ -112,7 +112,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_members(items: Sequence[str], arch: str | None) -> list[Any]:
+def _inspect_members(
+    items: Sequence[str], arch: str | None, arch_kwargs: dict[str, Any]
+) -> list[Any]:
     from netmeld.combined import CONFIG_FILE, load
     from netmeld.members import Member, Preprocessing, read_state_dict
     from netmeld.recipe import read_recipe, recipe_members
@@ -132,7 +134,7 @@ def _inspect_members(items: Sequence[str], arch: str | None) -> list[Any]:
                     "with --arch ARCHITECTURE"
                 )
             tensors = read_state_dict(p)
-            num = _num_outputs(arch, tensors, item)
+            num = _num_outputs(arch, arch_kwargs, tensors, item)
             members.append(
                 Member.from_checkpoint(
                     p,
@@ -140,6 +142,7 @@ def _inspect_members(items: Sequence[str], arch: str | None) -> list[Any]:
                     [f"class{i}" for i in range(num)],
                     name=_unique(p.stem, members),
                     preprocessing=Preprocessing((3, 224, 224)),
+                    architecture_kwargs=arch_kwargs,
                 )
             )
     return members
@@ -156,12 +159,12 @@ def _unique(name: str, members: Sequence[Any]) -> str:
     return candidate
 
 
-def _num_outputs(arch: str, tensors: dict[str, Any], item: str) -> int:
+def _num_outputs(arch: str, arch_kwargs: dict[str, Any], tensors: dict[str, Any], item: str) -> int:
     """The number of classes a checkpoint's head has, read from its tensors."""
     from netmeld.graph import find_head
     from netmeld.members import Architecture, Member, Preprocessing
 
-    module = Architecture.parse(arch).build()
+    module = Architecture.parse(arch, arch_kwargs).build()
     out = [m for m in module.modules() if hasattr(m, "out_features")]
     probe = (
         Member(
@@ -185,7 +188,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from netmeld.graph import plan_groups, share_summary, trace_member
 
-    members = _inspect_members(args.items, args.arch)
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise NetmeldError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(arch_kwargs, dict):
+        raise NetmeldError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 16}'")
+    members = _inspect_members(args.items, args.arch, arch_kwargs)
     traced = [trace_member(m) for m in members]
     rows = share_summary(traced, plan_groups(traced))
     if args.json:
@@ -302,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="recipes (.yaml), combined-model folders, or checkpoints (with --arch)",
     )
     p.add_argument("--arch", help="architecture of checkpoint files, e.g. torchvision:resnet18")
+    p.add_argument(
+        "--arch-kwargs",
+        default="{}",
+        help="keyword arguments of the architecture, as JSON (default: {})",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_inspect)
     return parser

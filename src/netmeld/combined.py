@@ -5,7 +5,9 @@
 
 **The union rule.** Each member ``m`` contributes calibrated scores ``a[m, j]`` for its labels
 (``a = scale_m * z_m + offset_m + class_bias``, or, with a router,
-``log_softmax(scale_m * z_m + class_bias) + log p(m | x)``). The union logit of a label is the
+``log_softmax(scale_m * z_m + class_bias) + log p(m | x)``, where the router is a joint linear
+classifier over every (member, label) on the members' features and ``p(m | x)`` the share of its
+probability on member ``m``'s labels). The union logit of a label is the
 ``logsumexp`` of the scores of every member that knows it. Read as probabilities: the softmax
 over all ``(member, label)`` pairs is a joint distribution, and a label's probability is the sum
 over the members that know it. Two identical members that both know "dog" therefore give the
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._version import __version__
-from netmeld.errors import IncompatibleMembersError, ModelFileError
+from netmeld.errors import DataError, IncompatibleMembersError, ModelFileError
 from netmeld.graph import (
     CapturedBody,
     Group,
@@ -150,7 +152,9 @@ class UnionHead(nn.Module):
             self.add_router(router_dim)
 
     def add_router(self, dim: int) -> None:
-        self.router = nn.Linear(dim, len(self.member_sizes))
+        """A gate with one score per (member, label); a member's gate is the logsumexp of its
+        labels' scores, so the gate is a joint classifier used only to choose the member."""
+        self.router = nn.Linear(dim, sum(self.member_sizes))
         self.register_buffer("router_mean", torch.zeros(dim))
         self.register_buffer("router_std", torch.ones(dim))
 
@@ -169,10 +173,17 @@ class UnionHead(nn.Module):
             return torch.cat([c + self.offset[i] for i, c in enumerate(chunks)], dim=1)
         if router_input is None:
             raise ValueError("this union head has a router: pass router_input")
-        gate = F.log_softmax(self.router((router_input - self.router_mean) / self.router_std), 1)
+        gate = F.log_softmax(self.gate_logits(router_input), dim=1)
         return torch.cat(
             [F.log_softmax(c, dim=1) + gate[:, i : i + 1] for i, c in enumerate(chunks)], dim=1
         )
+
+    def gate_logits(self, router_input: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-probabilities of each member answering, shape ``(N, members)``."""
+        assert self.router is not None
+        scores = self.router((router_input - self.router_mean) / self.router_std)
+        parts = torch.split(scores, list(self.member_sizes), dim=1)
+        return torch.stack([torch.logsumexp(p, dim=1) for p in parts], dim=1)
 
     def merge(self, scores: torch.Tensor) -> torch.Tensor:
         """Union logits: logsumexp over the members that know each label."""
@@ -299,7 +310,7 @@ class CombinedModel(nn.Module):
     def run_members(self, x: torch.Tensor) -> MemberOutputs:
         """Run trunks, necks and heads; return per-member features and raw logits."""
         if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
+            raise DataError(
                 f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(x.shape)}"
             )
@@ -314,12 +325,28 @@ class CombinedModel(nn.Module):
             features.append(f)
             logits.append(self.heads[name](f))
         router_parts = []
-        for gi, group in enumerate(self.plan):
+        for gi, group in enumerate(self.plan):  # keep router_columns() in step with this
             if self._dedup_groups[gi]:
                 router_parts.append(features[self.member_names.index(group.members[0])])
             else:
                 router_parts.extend(features[self.member_names.index(n)] for n in group.members)
         return MemberOutputs(features, logits, torch.cat(router_parts, dim=1))
+
+    def router_columns(self) -> dict[str, tuple[int, int]]:
+        """Where each member's head input sits in ``MemberOutputs.router_input``."""
+        columns: dict[str, tuple[int, int]] = {}
+        start = 0
+        for gi, group in enumerate(self.plan):
+            for k, name in enumerate(group.members):
+                if self._dedup_groups[gi] and k > 0:
+                    columns[name] = columns[group.members[0]]
+                    continue
+                head = self.heads[name]
+                assert isinstance(head, nn.Linear)
+                width = head.in_features
+                columns[name] = (start, start + width)
+                start += width
+        return columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run_members(x)

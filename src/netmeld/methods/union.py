@@ -252,14 +252,21 @@ class InfomaxParams(MethodParams):
     lr: float = Field(1e-2, gt=0, description="Adam learning rate")
     diversity: float = Field(1.0, ge=0, description="weight of the marginal-entropy term")
     anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
+    pseudo_labels: float = Field(
+        0.3, ge=0, description="weight of the cross-entropy on clustered pseudo-labels (0: off)"
+    )
+    rounds: int = Field(3, ge=1, description="times the pseudo-labels are recomputed")
+    gate: bool = Field(
+        False, description="fit a router (joint gate) instead of adapting the heads themselves"
+    )
 
 
 @register_method(
     "infomax",
     data="unlabeled",
     params=InfomaxParams,
-    reference="information maximization (Liang et al., SHOT, ICML 2020) applied to the union "
-    "of the members' heads over frozen features",
+    reference="information maximization with self-supervised pseudo-labels (Liang et al., "
+    "SHOT, ICML 2020) applied to the union of the members' heads over frozen features",
 )
 def fit_infomax(
     model: CombinedModel,
@@ -269,15 +276,53 @@ def fit_infomax(
 ) -> None:
     """Adapt the members' heads jointly so the union is confident and diverse on unlabeled data."""
     assert extracted is not None
+    pseudo: torch.Tensor | None = None
 
     def loss_fn(out: torch.Tensor) -> torch.Tensor:
         p = out.softmax(dim=1)
         cond = -(p * torch.log(p + 1e-12)).sum(1).mean()
         marg = p.mean(0)
-        return cond + params.diversity * (marg * torch.log(marg + 1e-12)).sum()
+        loss = cond + params.diversity * (marg * torch.log(marg + 1e-12)).sum()
+        if pseudo is not None:
+            loss = loss + params.pseudo_labels * F.cross_entropy(out, pseudo)
+        return loss
 
+    if params.gate:
+        tune_gate(model, extracted, loss_fn, steps=params.steps, lr=params.lr, anchor=params.anchor)
+        return
     fit_center_norm(model)
-    _tune_heads(model, extracted, loss_fn, steps=params.steps, lr=params.lr, anchor=params.anchor)
+    start = None
+    for _ in range(params.rounds):
+        if params.pseudo_labels > 0:
+            pseudo = cluster_pseudo_labels(model, extracted)
+        start = _tune_heads(
+            model,
+            extracted,
+            loss_fn,
+            steps=max(1, params.steps // params.rounds),
+            lr=params.lr,
+            anchor=params.anchor,
+            start=start,
+        )
+
+
+@torch.no_grad()
+def cluster_pseudo_labels(model: CombinedModel, extracted: Extracted) -> torch.Tensor:
+    """SHOT's pseudo-labels: nearest class centroid (cosine) in feature space, twice refined.
+
+    Centroids start as the prediction-weighted means of the features, then are recomputed from
+    the hard assignment.
+    """
+    probs = model.union(_centered_logits(model, extracted), None).softmax(dim=1)
+    feats = F.normalize(extracted.router_input, dim=1)
+    feats = torch.cat([feats, torch.ones(len(feats), 1)], dim=1)
+    centroids = probs.T @ feats / (probs.sum(0)[:, None] + 1e-8)
+    labels = (F.normalize(feats, dim=1) @ F.normalize(centroids, dim=1).T).argmax(1)
+    for _ in range(2):
+        onehot = F.one_hot(labels, probs.shape[1]).float()
+        centroids = onehot.T @ feats / (onehot.sum(0)[:, None] + 1e-8)
+        labels = (F.normalize(feats, dim=1) @ F.normalize(centroids, dim=1).T).argmax(1)
+    return labels
 
 
 def _tune_heads(
@@ -288,8 +333,12 @@ def _tune_heads(
     steps: int,
     lr: float,
     anchor: float,
-) -> None:
-    """Fit the head copies (with the union's scales folded in) to minimise ``loss_fn``."""
+    start: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Fit the head copies (with the union's scales folded in) to minimise ``loss_fn``.
+
+    The heads are pulled towards ``start`` (default: where they begin); returns ``start``.
+    """
     heads = _heads(model)
     union = model.union
     with torch.no_grad():
@@ -299,7 +348,8 @@ def _tune_heads(
                 head.bias.mul_(union.scale[i]).add_(union.offset[i])
         union.scale.fill_(1.0)
         union.offset.zero_()
-    start = [p.detach().clone() for h in heads for p in h.parameters()]
+    if start is None:
+        start = [p.detach().clone() for h in heads for p in h.parameters()]
     params_ = [p for h in heads for p in h.parameters()]
     for p in params_:
         p.requires_grad_(True)
@@ -315,6 +365,7 @@ def _tune_heads(
         optimizer.step()
     for p in params_:
         p.requires_grad_(False)
+    return start
 
 
 def _centered_logits(model: CombinedModel, extracted: Extracted) -> list[torch.Tensor]:
@@ -398,16 +449,17 @@ def fit_finetune(
 
 
 class RouterParams(MethodParams):
-    steps: int = Field(300, ge=1, description="L-BFGS iterations")
-    l2: float = Field(1e-3, ge=0, description="L2 penalty on the gate's weights")
+    steps: int = Field(300, ge=1, description="Adam steps over the labeled set")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    anchor: float = Field(1e-2, ge=0, description="L2 pull of the gate towards its start")
 
 
 @register_method(
     "router",
     data="labeled",
     params=RouterParams,
-    reference="a mixture of prefit experts (Jacobs et al. 1991) with a linear gate trained on "
-    "a few labels",
+    reference="a mixture of prefit experts (Jacobs et al. 1991) whose gate is a joint linear "
+    "classifier started from the members' centred heads and fine-tuned on a few labels",
 )
 def fit_router(
     model: CombinedModel,
@@ -415,34 +467,74 @@ def fit_router(
     targets: torch.Tensor | None,
     params: RouterParams,
 ) -> None:
-    """A linear gate on the members' features picks the member; trained on a few labels."""
+    """A gate on the members' features picks the member; each member picks within its labels."""
     assert extracted is not None and targets is not None
-    center_heads(model)
-    logits = _centered_logits(model, extracted)
+    tune_gate(
+        model,
+        extracted,
+        lambda out: F.cross_entropy(out, targets),
+        steps=params.steps,
+        lr=params.lr,
+        anchor=params.anchor,
+    )
+
+
+def tune_gate(
+    model: CombinedModel,
+    extracted: Extracted,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    anchor: float,
+) -> None:
+    """Add a router started from the centred, norm-aligned heads and fit it to ``loss_fn``.
+
+    The gate starts as the heads' joint classifier (so it starts where ``weight-norm`` after
+    centring would answer) and is pulled towards that start with an L2 ``anchor``; the members'
+    temperatures are fitted with it.
+    """
+    fit_center_norm(model)
     union = model.union
-    union.scale.data.copy_(_norm_scales(model))
     x = extracted.router_input
     union.add_router(x.shape[1])
     router = union.router
     assert router is not None
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
+    columns = model.router_columns()
     with torch.no_grad():
-        union.router_mean.copy_(x.mean(0))
-        union.router_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
+        union.router_mean.copy_(mean)
+        union.router_std.copy_(std)
         router.weight.zero_()
         router.bias.zero_()
-    router.weight.requires_grad_(True)
-    router.bias.requires_grad_(True)
+        row = 0
+        for i, (name, head) in enumerate(zip(model.member_names, _heads(model), strict=True)):
+            start, stop = columns[name]
+            rows = slice(row, row + head.out_features)
+            w = head.weight * union.scale[i]
+            router.weight[rows, start:stop] = w * std[start:stop]
+            router.bias[rows] = w @ mean[start:stop]
+            if head.bias is not None:
+                router.bias[rows] += head.bias * union.scale[i]
+            row += head.out_features
+    w0, b0 = router.weight.detach().clone(), router.bias.detach().clone()
     log_scale = torch.zeros(len(model.members), requires_grad=True)
     base = union.scale.detach().clone()
     union.scale.data.fill_(1.0)
-
-    def loss_fn() -> torch.Tensor:
+    logits = _centered_logits(model, extracted)
+    router.weight.requires_grad_(True)
+    router.bias.requires_grad_(True)
+    optimizer = torch.optim.Adam([router.weight, router.bias, log_scale], lr=lr)
+    for _ in range(steps):
         scaled = [z * base[i] * torch.exp(log_scale[i]) for i, z in enumerate(logits)]
-        out = union(scaled, x)
-        return F.cross_entropy(out, targets) + params.l2 * router.weight.pow(2).sum()
-
-    _fit([log_scale, router.weight, router.bias], loss_fn, params.steps)
-    with torch.no_grad():
-        union.scale.copy_(base * torch.exp(log_scale))
+        loss = loss_fn(union(scaled, x)) + anchor * (
+            (router.weight - w0).pow(2).sum() + (router.bias - b0).pow(2).sum()
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     router.weight.requires_grad_(False)
     router.bias.requires_grad_(False)
+    with torch.no_grad():
+        union.scale.copy_(base * torch.exp(log_scale))
