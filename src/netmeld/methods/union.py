@@ -253,9 +253,9 @@ class InfomaxParams(MethodParams):
     diversity: float = Field(1.0, ge=0, description="weight of the marginal-entropy term")
     anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
     pseudo_labels: float = Field(
-        0.3, ge=0, description="weight of the cross-entropy on clustered pseudo-labels (0: off)"
+        0.0, ge=0, description="weight of the cross-entropy on clustered pseudo-labels (0: off)"
     )
-    rounds: int = Field(3, ge=1, description="times the pseudo-labels are recomputed")
+    rounds: int = Field(1, ge=1, description="times the pseudo-labels are recomputed")
     gate: bool = Field(
         False, description="fit a router (joint gate) instead of adapting the heads themselves"
     )
@@ -451,7 +451,7 @@ def fit_finetune(
 class RouterParams(MethodParams):
     steps: int = Field(300, ge=1, description="Adam steps over the labeled set")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate")
-    anchor: float = Field(1e-2, ge=0, description="L2 pull of the gate towards its start")
+    anchor: float = Field(1e-3, ge=0, description="L2 pull of the gate towards its start")
 
 
 @register_method(
