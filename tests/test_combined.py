@@ -220,6 +220,8 @@ def test_untraceable_member_runs_whole_and_round_trips(tmp_path):
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(combined(x), torch.cat([model_a(x), b_module(x)], 1))
+        model_a(x)  # running the member directly records nothing
+    assert all(not getattr(t, "_captured", []) for t in combined.trunks.values())
     combined.save(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(netmeld.load(tmp_path / "m")(x), combined(x))

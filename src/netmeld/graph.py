@@ -440,21 +440,33 @@ def build_submodule(t: TracedMember, start: int, stop: int) -> nn.Module:
 
 
 class CapturedBody(nn.Module):
-    """Runs an untraceable member whole and returns its head's input (via a forward hook)."""
+    """Runs an untraceable member whole and returns its head's input (via a forward hook).
+
+    The hook records only while this module runs, so calling the member directly elsewhere
+    keeps nothing alive.
+    """
 
     def __init__(self, module: nn.Module, head_name: str) -> None:
         super().__init__()
         self.model = module
         self.head_name = head_name
         self._captured: list[torch.Tensor] = []
+        self._active = False
         module.get_submodule(head_name).register_forward_pre_hook(self._capture)
 
     def _capture(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._captured.append(args[0])
+        if self._active:
+            self._captured.append(args[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._captured.clear()
-        self.model(x)
+        self._active = True
+        try:
+            self.model(x)
+        finally:
+            self._active = False
+        if not self._captured:
+            raise MemberError(f"head {self.head_name!r} did not run in the member's forward")
         features = self._captured[-1]
         self._captured.clear()
         return features

@@ -10,7 +10,7 @@ method                 data       what it fits
 ``concat``             none       nothing: the naive "concatenate the heads" baseline
 ``weight-norm``        none       per-member scale equalising the heads' mean row norms (WA)
 ``bn-standardize``     none       per-member scale from the logits' spread under BatchNorm stats
-``infomax``            unlabeled  heads adapted jointly to maximise the union's mutual information
+``infomax``            unlabeled  a router gate fitted to maximise the union's mutual information
 ``calibrate``          labeled    per-member scale, offset and per-class bias (cross-entropy)
 ``finetune``           labeled    all heads fine-tuned jointly, anchored to their start
 ``router``             labeled    a gate choosing the member, on the members' features
@@ -87,10 +87,28 @@ def fit_weight_norm(
     model.union.scale.data.copy_(_norm_scales(model))
 
 
-def fit_center_norm(model: CombinedModel) -> None:
-    """Centre each head (softmax-invariant), then equalise the centred heads' row norms."""
+def fit_center_norm(model: CombinedModel, extracted: Extracted | None = None) -> None:
+    """Centre each head (softmax-invariant), then equalise the members' logit spreads.
+
+    With data the spread is measured (each member's logits get the members' average standard
+    deviation on the data); without, it is the heads' mean row norm (weight aligning).
+    """
     center_heads(model)
-    model.union.scale.data.copy_(_norm_scales(model))
+    if extracted is None:
+        model.union.scale.data.copy_(_norm_scales(model))
+    else:
+        model.union.scale.data.copy_(_data_scales(model, extracted))
+
+
+@torch.no_grad()
+def _data_scales(model: CombinedModel, extracted: Extracted) -> torch.Tensor:
+    """Scales giving each member's logits the same standard deviation on ``extracted``."""
+    spreads = []
+    for h, f in zip(_heads(model), extracted.features, strict=True):
+        z = h(f)
+        spreads.append(z.std() if z.numel() > 1 else torch.tensor(1.0))
+    spread = torch.stack(spreads).clamp_min(1e-6)
+    return spread.mean() / spread
 
 
 # -- BatchNorm statistics -------------------------------------------------------------------
@@ -257,7 +275,7 @@ class InfomaxParams(MethodParams):
     )
     rounds: int = Field(1, ge=1, description="times the pseudo-labels are recomputed")
     gate: bool = Field(
-        False, description="fit a router (joint gate) instead of adapting the heads themselves"
+        True, description="fit a router (joint gate) instead of adapting the heads themselves"
     )
 
 
@@ -265,8 +283,8 @@ class InfomaxParams(MethodParams):
     "infomax",
     data="unlabeled",
     params=InfomaxParams,
-    reference="information maximization with self-supervised pseudo-labels (Liang et al., "
-    "SHOT, ICML 2020) applied to the union of the members' heads over frozen features",
+    reference="information maximization with optional clustered pseudo-labels (Liang et al., "
+    "SHOT, ICML 2020) fitting a router gate (or the heads) over frozen features",
 )
 def fit_infomax(
     model: CombinedModel,
@@ -274,7 +292,7 @@ def fit_infomax(
     targets: torch.Tensor | None,
     params: InfomaxParams,
 ) -> None:
-    """Adapt the members' heads jointly so the union is confident and diverse on unlabeled data."""
+    """Fit a gate (or the heads) so the union is confident and diverse on unlabeled data."""
     assert extracted is not None
     pseudo: torch.Tensor | None = None
 
@@ -288,9 +306,14 @@ def fit_infomax(
         return loss
 
     if params.gate:
+        if params.rounds > 1:
+            raise MethodError("infomax: 'rounds' > 1 needs gate=false (the heads are adapted)")
+        fit_center_norm(model, extracted)
+        if params.pseudo_labels > 0:
+            pseudo = cluster_pseudo_labels(model, extracted)
         tune_gate(model, extracted, loss_fn, steps=params.steps, lr=params.lr, anchor=params.anchor)
         return
-    fit_center_norm(model)
+    fit_center_norm(model, extracted)
     start = None
     for _ in range(params.rounds):
         if params.pseudo_labels > 0:
@@ -396,7 +419,7 @@ def fit_calibrate(
     assert extracted is not None and targets is not None
     center_heads(model)
     logits = _centered_logits(model, extracted)
-    base = _norm_scales(model)
+    base = _data_scales(model, extracted)
     m = len(model.members)
     log_scale = torch.zeros(m, requires_grad=True)
     offset = torch.zeros(m, requires_grad=True)
@@ -437,7 +460,7 @@ def fit_finetune(
 ) -> None:
     """Fine-tune all heads jointly on a few labels, anchored to their centred start."""
     assert extracted is not None and targets is not None
-    fit_center_norm(model)
+    fit_center_norm(model, extracted)
     _tune_heads(
         model,
         extracted,
@@ -494,7 +517,7 @@ def tune_gate(
     centring would answer) and is pulled towards that start with an L2 ``anchor``; the members'
     temperatures are fitted with it.
     """
-    fit_center_norm(model)
+    fit_center_norm(model, extracted)
     union = model.union
     x = extracted.router_input
     union.add_router(x.shape[1])
