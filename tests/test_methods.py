@@ -109,3 +109,26 @@ def test_bn_moments_match_monte_carlo_where_the_model_holds():
         feats = net[1](net[0](x))
     torch.testing.assert_close(mean, feats.mean(0), atol=0.02, rtol=0.02)
     torch.testing.assert_close(var, feats.var(0), atol=0.03, rtol=0.03)
+
+
+def test_select_refits_the_method_with_the_best_cross_validated_accuracy(digits2):
+    data = method_data(digits2, "select")
+    model = netmeld.meld(digits2.members, "select", data)
+    fitted = model.method["fitted"]
+    scores = fitted["cv_accuracy"]
+    assert set(scores) == {"calibrate", "finetune", "router"}
+    assert scores[fitted["selected"]] == max(scores.values())
+    direct = netmeld.meld(digits2.members, fitted["selected"], data)
+    x = digits2.test[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), direct(x))
+
+
+def test_select_refuses_a_candidate_that_needs_no_labels(digits2):
+    with pytest.raises(netmeld.MethodError, match="'weight-norm' is not a labeled method"):
+        netmeld.meld(
+            digits2.members,
+            "select",
+            method_data(digits2, "select"),
+            params={"candidates": ["calibrate", "weight-norm"]},
+        )

@@ -118,5 +118,6 @@ def meld(
         "params": checked.model_dump(),
         "examples": n_examples,
         "seed": seed,
+        "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
     }
     return model.eval()

@@ -14,11 +14,13 @@ method                 data       what it fits
 ``calibrate``          labeled    per-member scale, offset and per-class bias (cross-entropy)
 ``finetune``           labeled    all heads fine-tuned jointly, anchored to their start
 ``router``             labeled    a gate choosing the member, on the members' features
+``select``             labeled    the labeled method with the best cross-validated accuracy
 =====================  =========  ==============================================================
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -561,3 +563,97 @@ def tune_gate(
     router.bias.requires_grad_(False)
     with torch.no_grad():
         union.scale.copy_(base * torch.exp(log_scale))
+
+
+class SelectParams(MethodParams):
+    candidates: tuple[str, ...] = Field(
+        ("calibrate", "finetune", "router"),
+        min_length=1,
+        description="labeled methods to choose from",
+    )
+    folds: int = Field(5, ge=2, description="cross-validation folds (stratified by label)")
+
+
+@register_method(
+    "select",
+    data="labeled",
+    params=SelectParams,
+    reference="model selection by stratified k-fold cross-validation on the few labels "
+    "(as scikit-learn's GridSearchCV), then a refit on all of them",
+)
+def fit_select(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: SelectParams,
+) -> None:
+    """Pick the labeled method with the best cross-validated accuracy, then fit it on all."""
+    from netmeld.methods._registry import get_method
+
+    assert extracted is not None and targets is not None
+    infos = [get_method(name) for name in params.candidates]
+    for info in infos:
+        if info.data != "labeled" or info.name == "select":
+            raise MethodError(f"select: candidate {info.name!r} is not a labeled method")
+    folds = _stratified_folds(targets, params.folds)
+    scores: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for info in infos:
+        correct = 0.0
+        loss = 0.0
+        for held_out in folds:
+            train = torch.ones(len(targets), dtype=torch.bool)
+            train[held_out] = False
+            if not train.any():
+                continue
+            trial = _light_clone(model)
+            info.fit(trial, _subset(extracted, train), targets[train], info.validate_params({}))
+            with torch.no_grad():
+                out = trial.union(
+                    [
+                        h(f[held_out])
+                        for h, f in zip(_heads(trial), extracted.features, strict=True)
+                    ],
+                    extracted.router_input[held_out] if trial.union.router is not None else None,
+                )
+            correct += float((out.argmax(1) == targets[held_out]).sum())
+            loss += float(F.cross_entropy(out, targets[held_out], reduction="sum"))
+        scores[info.name] = correct / len(targets)
+        losses[info.name] = loss / len(targets)
+    # the best cross-validated accuracy; ties go to the lower cross-validated log-loss
+    best = max(infos, key=lambda i: (scores[i.name], -losses[i.name]))
+    best.fit(model, extracted, targets, best.validate_params({}))
+    model.method["fitted"] = {"selected": best.name, "cv_accuracy": scores, "cv_log_loss": losses}
+
+
+def _stratified_folds(targets: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """``k`` folds of indices, each label spread round-robin over the folds (deterministic)."""
+    folds: list[list[int]] = [[] for _ in range(k)]
+    position = 0
+    for label in targets.unique().tolist():
+        for i in (targets == label).nonzero().flatten().tolist():
+            folds[position % k].append(i)
+            position += 1
+    return [torch.tensor(sorted(f), dtype=torch.long) for f in folds if f]
+
+
+def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
+    from netmeld.meld import Extracted as _Extracted
+
+    return _Extracted(
+        [f[rows] for f in extracted.features],
+        [z[rows] for z in extracted.logits],
+        extracted.router_input[rows],
+    )
+
+
+def _light_clone(model: CombinedModel) -> CombinedModel:
+    """A copy sharing the trunks and necks but with its own heads and union head."""
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    clone._parameters = dict(model._parameters)
+    clone._buffers = dict(model._buffers)
+    clone.heads = copy.deepcopy(model.heads)
+    clone.union = copy.deepcopy(model.union)
+    clone.method = dict(model.method)
+    return clone
