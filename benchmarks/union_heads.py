@@ -279,6 +279,7 @@ def main() -> None:
                 args.cifar_train_per_class,
                 args.cifar_test_per_class,
             ),
+            (3, 32, 32),
         ),
     }
     console = Console(width=140)
