@@ -186,7 +186,7 @@ def render_table(
         if ref is not None:
             row.append(f"{100 * (r.union_accuracy - ref.union_accuracy):+.1f}")
         member = (
-            " / ".join(f"{100 * v:.1f}" for v in r.member_accuracy.values())
+            " / ".join(f"{k} {100 * v:.1f}" for k, v in r.member_accuracy.items())
             if r.member_accuracy
             else "-"
         )
