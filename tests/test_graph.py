@@ -132,3 +132,34 @@ def test_softmax_after_head_is_refused():
     )
     with pytest.raises(MemberError, match="logits"):
         trace_member(m)
+
+
+@pytest.mark.parametrize("method", ["infomax", "router"])
+def test_gated_methods_on_partly_shared_torchvision_members_round_trip(method, tmp_path):
+    """Two members share all but the last block, a third shares nothing and knows 'dog' too."""
+    import netmeld
+
+    pets, people = _transfer_pair(lambda: torchvision.models.resnet18(num_classes=10), "fc")
+    with torch.no_grad():
+        people.module.layer4[1].conv2.weight.mul_(1.01)
+    torch.manual_seed(5)
+    birds = Member(
+        torchvision.models.resnet18(num_classes=2).eval(),
+        ["dog", "bird"],
+        name="birds",
+        preprocessing=PRE,
+    )
+    x = torch.rand(24, 3, 32, 32)
+    labels = ["cat", "dog", "man", "woman", "child", "bird"] * 4
+    data = x if method == "infomax" else (x, labels)
+    model = netmeld.meld([pets, people, birds], method, data)
+    assert model.labels == ["cat", "dog", "man", "woman", "child", "bird"]
+    assert [g.members for g in model.plan] == [("pets", "people"), ("birds",)]
+    assert model.router_columns() == {
+        "pets": (0, 512),
+        "people": (512, 1024),
+        "birds": (1024, 1536),
+    }
+    model.save(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(netmeld.load(tmp_path / "m")(x[:4]), model(x[:4]))
