@@ -267,11 +267,16 @@ def _fit(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], st
     optimizer.step(closure)
 
 
-class InfomaxParams(MethodParams):
-    steps: int = Field(300, ge=1, description="Adam steps over the unlabeled set")
+class TuneParams(MethodParams):
+    """Parameters of the methods that fit a gate or the heads with Adam."""
+
+    steps: int = Field(300, ge=1, description="Adam steps over the data")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    anchor: float = Field(1e-2, ge=0, description="L2 pull towards the starting weights")
+
+
+class InfomaxParams(TuneParams):
     diversity: float = Field(1.0, ge=0, description="weight of the marginal-entropy term")
-    anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
     pseudo_labels: float = Field(
         0.0, ge=0, description="weight of the cross-entropy on clustered pseudo-labels (0: off)"
     )
@@ -441,10 +446,8 @@ def fit_calibrate(
         union.class_bias.copy_(bias)
 
 
-class FinetuneParams(MethodParams):
-    steps: int = Field(300, ge=1, description="Adam steps over the labeled set")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
-    anchor: float = Field(1e-2, ge=0, description="L2 pull of the heads towards their start")
+class FinetuneParams(TuneParams):
+    pass
 
 
 @register_method(
@@ -473,10 +476,8 @@ def fit_finetune(
     )
 
 
-class RouterParams(MethodParams):
-    steps: int = Field(300, ge=1, description="Adam steps over the labeled set")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
-    anchor: float = Field(1e-3, ge=0, description="L2 pull of the gate towards its start")
+class RouterParams(TuneParams):
+    anchor: float = Field(1e-3, ge=0, description="L2 pull towards the starting weights")
 
 
 @register_method(
