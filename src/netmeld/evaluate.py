@@ -45,6 +45,19 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        members = " / ".join(f"{k} {100 * v:.1f}%" for k, v in self.member_accuracy.items())
+        text = (
+            f"{self.name}: union accuracy {100 * self.union_accuracy:.1f}% on {self.examples} "
+            f"examples; with the member known {members}; task confusion "
+            f"{100 * self.task_confusion:.1f}%; ECE {self.ece:.3f}"
+        )
+        if self.parameters is not None:
+            text += f"; {self.parameters:,} parameters"
+        if self.latency_ms is not None:
+            text += f"; {self.latency_ms:.1f} ms per batch of {self.batch_size}"
+        return text
+
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
     """ECE with equal-width confidence bins (Guo et al. 2017)."""
