@@ -132,10 +132,3 @@ def test_select_refuses_a_candidate_that_needs_no_labels(digits2):
             method_data(digits2, "select"),
             params={"candidates": ["calibrate", "weight-norm"]},
         )
-
-
-def test_report_reads_as_one_line(digits2):
-    report = netmeld.evaluate(netmeld.meld(digits2.members), digits2.test)
-    text = str(report)
-    assert text.startswith(f"concat: union accuracy {100 * report.union_accuracy:.1f}%")
-    assert "m1 " in text and "task confusion" in text and "\n" not in text
