@@ -45,8 +45,8 @@ from netmeld.scenarios import (
     digits_scenario,
     features_of,
     few_per_class,
-    make_members,
     train_classifier,
+    transfer_scenario,
 )
 from netmeld.zoo import SmallCNN
 
@@ -109,23 +109,19 @@ def _mnist_like(
     def build(splits: list[list[int]], seed: int) -> Scenario:
         trunk, x_train, y_train, x_test, y_test, feats, mean, std = trunk_for(seed)
         classes = list(names[target])
-        members, oracle = make_members(
+        return transfer_scenario(
             trunk,
             head_attr="fc",
             train_features=feats,
+            x_train=x_train,
             y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
             class_names=classes,
             splits=splits,
             preprocessing=Preprocessing((1, 28, 28), mean=(mean,), std=(std,)),
             architecture=None,
             seed=seed,
-        )
-        return Scenario(
-            members,
-            oracle,
-            (x_test, [classes[v] for v in y_test]),
-            x_train,
-            [classes[v] for v in y_train],
         )
 
     return build
@@ -166,23 +162,19 @@ def _cifar(
 
     def build(splits: list[list[int]], seed: int) -> Scenario:
         base, x_train, y_train, x_test, y_test, feats, classes = base_for(seed)
-        members, oracle = make_members(
+        return transfer_scenario(
             base,
             head_attr="_fc",
             train_features=feats,
+            x_train=x_train,
             y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
             class_names=classes,
             splits=splits,
             preprocessing=Preprocessing((3, resolution, resolution), mean=(mean,), std=(std,)),
             architecture=None,
             seed=seed,
-        )
-        return Scenario(
-            members,
-            oracle,
-            (x_test, [classes[v] for v in y_test]),
-            x_train,
-            [classes[v] for v in y_train],
         )
 
     return build

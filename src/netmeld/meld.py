@@ -19,10 +19,9 @@ from netmeld.methods import get_method
 
 @dataclass
 class Extracted:
-    """Per-member head inputs and raw logits of a batch of inputs (trunks are frozen)."""
+    """Per-member head inputs of a batch of inputs (trunks are frozen), and the router input."""
 
     features: list[torch.Tensor]
-    logits: list[torch.Tensor]
     router_input: torch.Tensor
 
     def __len__(self) -> int:
@@ -40,20 +39,16 @@ def extract(
     """Run the members once over ``inputs`` and keep what the union methods fit on."""
     model.eval()
     feats: list[list[torch.Tensor]] = [[] for _ in model.members]
-    logits: list[list[torch.Tensor]] = [[] for _ in model.members]
     router: list[torch.Tensor] = []
     starts = range(0, len(inputs), batch_size)
     for start in track(starts, "running members", total=len(starts), enabled=progress):
         out = model.run_members(inputs[start : start + batch_size])
         for i in range(len(model.members)):
             feats[i].append(out.features[i])
-            logits[i].append(out.logits[i])
         router.append(out.router_input)
     if not router:
         raise DataError("no inputs to run the members on")
-    return Extracted(
-        [torch.cat(f) for f in feats], [torch.cat(z) for z in logits], torch.cat(router)
-    )
+    return Extracted([torch.cat(f) for f in feats], torch.cat(router))
 
 
 def meld(

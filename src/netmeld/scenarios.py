@@ -111,23 +111,27 @@ class Scenario:
     pool_labels: list[str]
 
 
-def make_members(
+def transfer_scenario(
     trunk_model: nn.Module,
     *,
     head_attr: str,
     train_features: torch.Tensor,
+    x_train: torch.Tensor,
     y_train: np.ndarray,
+    x_test: torch.Tensor,
+    y_test: np.ndarray,
     class_names: Sequence[str],
     splits: Sequence[Sequence[int]],
     preprocessing: Preprocessing,
     architecture: Architecture | None,
     seed: int = 0,
-) -> tuple[list[Member], Member]:
+) -> Scenario:
     """Members (one per split of class indices) and the oracle, sharing ``trunk_model``'s body.
 
-    ``train_features`` are the head inputs (the frozen body's output) of the target training
-    set; each member is a deep copy of ``trunk_model`` whose ``head_attr`` is replaced by a head
-    trained on its classes only.
+    ``train_features`` are the head inputs (the frozen body's output) of ``x_train``; each
+    member is a deep copy of ``trunk_model`` whose ``head_attr`` is replaced by a head trained on
+    its classes only. Targets are class indices into ``class_names``; the test set and the
+    training pool come back with label names.
     """
     feats = train_features
     y = torch.as_tensor(y_train)
@@ -163,7 +167,13 @@ def make_members(
     members = [member_for(classes, f"m{i + 1}", i + 1) for i, classes in enumerate(splits)]
     all_classes = sorted({c for s in splits for c in s})
     oracle = member_for(all_classes, "oracle", 0)
-    return members, oracle
+    return Scenario(
+        members,
+        oracle,
+        (x_test, [class_names[v] for v in y_test]),
+        x_train,
+        [class_names[v] for v in y_train],
+    )
 
 
 def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenario:
@@ -189,11 +199,14 @@ def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenar
     for p in trunk.parameters():
         p.requires_grad_(False)
     names = [str(d) for d in range(10)]
-    members, oracle = make_members(
+    return transfer_scenario(
         trunk,
         head_attr="fc",
         train_features=features_of(lambda v: trunk.features((v - mean) / std), x[train_t]),
+        x_train=x[train_t],
         y_train=y[train_t],
+        x_test=x[test_t],
+        y_test=y[test_t],
         class_names=names,
         splits=splits,
         preprocessing=Preprocessing((1, 8, 8), mean=(mean,), std=(std,)),
@@ -201,13 +214,6 @@ def digits_scenario(splits: Sequence[Sequence[int]], *, seed: int = 0) -> Scenar
             "netmeld.zoo:small_cnn", {"in_channels": 1, "width": 16, "blocks": 2}
         ),
         seed=seed,
-    )
-    return Scenario(
-        members,
-        oracle,
-        (x[test_t], [names[v] for v in y[test_t]]),
-        x[train_t],
-        [names[v] for v in y[train_t]],
     )
 
 

@@ -643,7 +643,6 @@ def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
 
     return _Extracted(
         [f[rows] for f in extracted.features],
-        [z[rows] for z in extracted.logits],
         extracted.router_input[rows],
     )
 
