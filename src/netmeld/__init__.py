@@ -20,6 +20,7 @@ from netmeld.errors import (
     RecipeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
+from netmeld.extend import extend
 from netmeld.meld import extract, meld
 from netmeld.members import Architecture, Member, Preprocessing
 from netmeld.methods import get_method, list_methods, register_method
@@ -43,6 +44,7 @@ __all__ = [
     "__version__",
     "compare",
     "evaluate",
+    "extend",
     "extract",
     "get_method",
     "list_methods",

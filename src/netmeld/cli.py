@@ -68,7 +68,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     models = {str(path): load(path) for path in args.models}
     first = next(iter(models.values()))
-    data = load_data(args.data, first.input_shape, require_labels=True, what="--data")
+    data = load_data(
+        args.data,
+        first.input_shape,
+        require_labels=True,
+        what="--data",
+        feature_names=first.feature_names,
+    )
     reports = [
         evaluate(m, data, name=f"{name} ({m.method.get('name')})", batch_size=args.batch_size)
         for name, m in models.items()
@@ -77,6 +83,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
         _console.print(render_table(reports, title=f"{len(data)} examples from {args.data}"))
+    return 0
+
+
+def _cmd_extend(args: argparse.Namespace) -> int:
+    from netmeld.combined import load
+    from netmeld.extend import extend
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = load(args.model)
+    extended = extend(
+        model,
+        args.examples,
+        unlabeled=args.unlabeled,
+        steps=args.steps,
+        lr=args.lr,
+        distill=args.distill,
+        seed=args.seed,
+    )
+    extended.save(out, overwrite=args.overwrite)
+    added = extended.method["extended"][-1]
+    shots = ", ".join(f"{label} ({n})" for label, n in added["examples"].items())
+    _console.print(
+        f"added {len(added['labels'])} labels from examples: {shots}; "
+        f"saved {len(extended.labels)} labels to [bold]{out}[/bold]",
+        highlight=False,
+    )
     return 0
 
 
@@ -278,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model.",
     )
     p.add_argument("models", nargs="+", help="combined-model folders (several: side by side)")
-    p.add_argument("--data", required=True, help="a folder with one subfolder of images per label")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a folder with one subfolder of images per label, or a .csv table with a "
+        "'label' column",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -287,6 +326,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "extend",
+        help="add classes to a combined model from a few examples each",
+        description="Add the labels of EXAMPLES (one subfolder of images per new label) to a "
+        "saved combined model: weight imprinting from the members' normalised features, then "
+        "a short fine-tuning that distils the old model's outputs on --unlabeled inputs so old "
+        "classes keep their accuracy. The model given is not changed.",
+    )
+    p.add_argument("model", help="a combined-model folder")
+    p.add_argument(
+        "--examples",
+        required=True,
+        help="folder with one subfolder of example images per label; subfolders named after "
+        "labels the model knows are used as old-class examples",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder to write the extended model to")
+    p.add_argument(
+        "--unlabeled",
+        help="folder of unlabeled images (mostly old classes) to distil the old outputs on; "
+        "without it only the new weights are fine-tuned",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="fine-tuning steps after imprinting; 0 for imprinting only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-2, help="fine-tuning learning rate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=1.0,
+        help="weight of the distillation of old outputs (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_cmd_extend)
 
     p = sub.add_parser(
         "predict",

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._version import __version__
-from netmeld.errors import DataError, IncompatibleMembersError, ModelFileError
+from netmeld.combiners import Combiner, Extension, combiner_from_config
+from netmeld.errors import DataError, IncompatibleMembersError, LabelError, ModelFileError
 from netmeld.graph import (
     CapturedBody,
     Group,
@@ -53,10 +54,22 @@ class Preprocess(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, input_shape: Sequence[int], preprocessing: Preprocessing) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        preprocessing: Preprocessing,
+        columns: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.target_shape = preprocessing.input_shape
+        self.columns: torch.Tensor | None
+        if columns is None:
+            self.columns = None
+        else:
+            self.register_buffer(
+                "columns", torch.tensor(list(columns), dtype=torch.long), persistent=False
+            )
         channels = self.target_shape[0]
         mean = preprocessing.mean or (0.0,)
         std = preprocessing.std or (1.0,)
@@ -74,7 +87,9 @@ class Preprocess(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_shape != self.target_shape:
+        if self.columns is not None:
+            x = x.index_select(1, self.columns)
+        elif self.input_shape != self.target_shape:
             c_in, c_out = self.input_shape[0], self.target_shape[0]
             if c_in != c_out:
                 if c_in == 1:
@@ -91,6 +106,79 @@ class Preprocess(nn.Module):
         return x
 
 
+def resolve_columns(
+    members: Sequence[Member],
+    input_shape: Sequence[int] | None,
+    feature_names: Sequence[str] | None,
+) -> tuple[tuple[int, ...] | None, list[str] | None, dict[str, list[int]]]:
+    """Where each column-reading member's columns sit in the combined (union) input.
+
+    Named columns are looked up in ``feature_names`` (default: every member's named columns in
+    order of first appearance); integer columns are positions in the combined input. Returns
+    the combined input shape implied (or ``None``), the feature names and member -> positions.
+    """
+    readers = [m for m in members if m.preprocessing.columns is not None]
+    names = list(feature_names) if feature_names is not None else None
+    if names is not None and len(set(names)) != len(names):
+        raise IncompatibleMembersError(f"feature_names repeat a name: {names}")
+    if not readers:
+        return None, names, {}
+    if names is None and any(
+        isinstance(c, str) for m in readers for c in m.preprocessing.columns or ()
+    ):
+        names = []
+        for m in readers:
+            for c in m.preprocessing.columns or ():
+                if isinstance(c, str) and c not in names:
+                    names.append(c)
+    positions: dict[str, list[int]] = {}
+    for m in readers:
+        cols = []
+        for c in m.preprocessing.columns or ():
+            if isinstance(c, str):
+                if names is None or c not in names:
+                    raise IncompatibleMembersError(
+                        f"member {m.name!r} reads column {c!r}, which is not among the combined "
+                        f"model's feature names {names}"
+                    )
+                cols.append(names.index(c))
+            else:
+                cols.append(c)
+        positions[m.name] = cols
+    width = (
+        len(names)
+        if names is not None
+        else max(max(cols) for cols in positions.values()) + 1
+    )
+    if input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 1:
+            raise IncompatibleMembersError(
+                f"members read columns, so the combined input must be a vector (F,), "
+                f"got input_shape {shape}"
+            )
+        if names is not None and shape[0] != len(names):
+            raise IncompatibleMembersError(
+                f"input_shape {shape} has {shape[0]} columns but there are {len(names)} feature "
+                f"names {names}"
+            )
+        width = shape[0]
+    for m in readers:
+        too_far = [c for c in positions[m.name] if c >= width]
+        if too_far:
+            raise IncompatibleMembersError(
+                f"member {m.name!r} reads column {too_far[0]}, but the combined input has only "
+                f"{width} columns"
+            )
+    for m in members:
+        if m.preprocessing.columns is None and m.preprocessing.input_shape != (width,):
+            raise IncompatibleMembersError(
+                f"member {m.name!r} reads the whole input of shape {m.preprocessing.input_shape}, "
+                f"but the combined input has {width} columns; give it preprocessing columns"
+            )
+    return (width,), names, positions
+
+
 def check_input_shapes(
     members: Sequence[Member], input_shape: Sequence[int] | None
 ) -> tuple[int, ...]:
@@ -102,7 +190,8 @@ def check_input_shapes(
                 raise IncompatibleMembersError(
                     f"member {m.name!r} expects input shape {m.preprocessing.input_shape}, "
                     f"but member {first.name!r} expects {first.preprocessing.input_shape}; "
-                    "pass input_shape=(C, H, W) to resize images for every member"
+                    "pass input_shape=(C, H, W) to resize images for every member, or give "
+                    "vector members preprocessing columns"
                 )
         return first.preprocessing.input_shape
     shape = tuple(int(s) for s in input_shape)
@@ -148,12 +237,19 @@ class UnionHead(nn.Module):
         self.register_buffer("index", index.clone())
         self.register_buffer("mask", mask.clone())
         self.router: nn.Linear | None = None
+        self.router_source = "features"
         if router_dim is not None:
             self.add_router(router_dim)
 
-    def add_router(self, dim: int) -> None:
+    def add_router(self, dim: int, source: str = "features") -> None:
         """A gate with one score per (member, label); a member's gate is the logsumexp of its
-        labels' scores, so the gate is a joint classifier used only to choose the member."""
+        labels' scores, so the gate is a joint classifier used only to choose the member.
+
+        ``source``: the gate reads the members' features (``"features"``) or the raw input
+        flattened (``"input"``)."""
+        if source not in ("features", "input"):
+            raise ValueError(f"router source {source!r}: expected 'features' or 'input'")
+        self.router_source = source
         self.router = nn.Linear(dim, sum(self.member_sizes))
         self.register_buffer("router_mean", torch.zeros(dim))
         self.register_buffer("router_std", torch.ones(dim))
@@ -233,6 +329,7 @@ class CombinedModel(nn.Module):
         *,
         input_shape: Sequence[int] | None = None,
         plan: Sequence[Group] | None = None,
+        feature_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not members:
@@ -243,14 +340,20 @@ class CombinedModel(nn.Module):
                 raise IncompatibleMembersError(
                     f"two members are named {name!r}; member names must be unique"
                 )
-        self.input_shape = check_input_shapes(members, input_shape)
+        shape, self.feature_names, self._columns = resolve_columns(
+            members, input_shape, feature_names
+        )
+        self.input_shape = shape if shape is not None else check_input_shapes(members, input_shape)
         self.members = list(members)
         traced = [trace_member(m) for m in members]
         self.plan = list(plan) if plan is not None else plan_groups(traced)
         self._build(traced)
         labels, owners = union_labels(members)
+        self.union_labels = list(labels)
         self.labels = labels
         self.label_members = owners
+        self.combiner: Combiner | None = None
+        self.extension: Extension | None = None
         self.method: dict[str, Any] = {"name": "concat", "params": {}}
         positions: dict[str, list[int]] = {label: [] for label in labels}
         offset = 0
@@ -283,7 +386,9 @@ class CombinedModel(nn.Module):
         for gi, group in enumerate(self.plan):
             key = str(gi)
             first = by_name[group.members[0]]
-            self.preprocess[key] = Preprocess(self.input_shape, first.member.preprocessing)
+            self.preprocess[key] = Preprocess(
+                self.input_shape, first.member.preprocessing, self._columns.get(first.member.name)
+            )
             if group.cut is None or not first.traced:
                 self.trunks[key] = CapturedBody(first.member.module, first.head_name)
             else:
@@ -348,22 +453,88 @@ class CombinedModel(nn.Module):
                 start += width
         return columns
 
+    def base_logits(self, out: MemberOutputs, x: torch.Tensor) -> torch.Tensor:
+        """Logits before any extension: the combiner's, or the union head's."""
+        if self.combiner is not None:
+            return self.combiner(out, x)
+        if self.union.router is None:
+            return self.union(out.logits)
+        return self.union(out.logits, self.gate_input(out, x))
+
+    def gate_input(self, out: MemberOutputs, x: torch.Tensor) -> torch.Tensor:
+        """What the router reads: the members' features, or the raw input flattened."""
+        return x.flatten(1) if self.union.router_source == "input" else out.router_input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run_members(x)
-        return self.union(out.logits, out.router_input if self.union.router is not None else None)
+        logits = self.base_logits(out, x)
+        if self.extension is not None:
+            logits = torch.cat([logits, self.extension(out.features, logits)], dim=1)
+        return logits
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 256) -> list[str]:
-        """Predicted label names for raw inputs ``x``."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The router's log-probability of each member answering, ``(N, members)``; ``None``
+        when the model has no router."""
+        if self.union.router is None or self.combiner is not None:
+            return None
+        out = self.run_members(x)
+        return F.log_softmax(self.union.gate_logits(self.gate_input(out, x)), dim=1)
+
+    def set_combiner(self, combiner: Combiner | None) -> None:
+        """Replace the union head by ``combiner`` (``None``: back to the union head)."""
+        self.combiner = combiner
+        self._refresh_labels()
+
+    def set_extension(self, extension: Extension | None) -> None:
+        """Add (or with ``None`` remove) classes learnt after the fact (:func:`netmeld.extend`)."""
+        if extension is not None:
+            base = self._base_labels()
+            clash = [label for label in extension.labels if label in base]
+            if clash:
+                raise LabelError(
+                    f"label {clash[0]!r} is known to the model already; extension labels must "
+                    "be new"
+                )
+        self.extension = extension
+        self._refresh_labels()
+
+    def _base_labels(self) -> list[str]:
+        if self.combiner is not None and self.combiner.labels is not None:
+            return list(self.combiner.labels)
+        return list(self.union_labels)
+
+    def _refresh_labels(self) -> None:
+        _, owners = union_labels(self.members)
+        labels = self._base_labels()
+        if self.extension is not None:
+            labels += self.extension.labels
+        self.labels = labels
+        self.label_members = {label: owners.get(label, []) for label in labels}
+
+    def _as_inputs(self, x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x
+        from netmeld.data import load_data
+
+        return load_data(
+            x, self.input_shape, what="inputs", feature_names=self.feature_names
+        ).inputs
+
+    @torch.no_grad()
+    def predict(self, x: Any, batch_size: int = 256) -> list[str]:
+        """Predicted label names for raw inputs ``x`` (a tensor, ndarray or pandas DataFrame)."""
         self.eval()
+        x = self._as_inputs(x)
         preds = [self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
         idx = torch.cat(preds).tolist() if preds else []
         return [self.labels[i] for i in idx]
 
     @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def predict_proba(self, x: Any, batch_size: int = 256) -> torch.Tensor:
         """Probabilities over :attr:`labels` for raw inputs ``x``."""
         self.eval()
+        x = self._as_inputs(x)
         parts = [self(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, len(self.labels))
 
@@ -407,11 +578,17 @@ class CombinedModel(nn.Module):
             "label_members": self.label_members,
             "members": members,
             "plan": [g.to_dict() for g in self.plan],
+            "feature_names": self.feature_names,
             "union": {
                 "router_dim": self.union.router_dim,
+                "router_source": self.union.router_source,
                 "scale": self.union.scale.tolist(),
                 "offset": self.union.offset.tolist(),
             },
+            "combiner": None
+            if self.combiner is None
+            else {"kind": self.combiner.kind, "config": self.combiner.config()},
+            "extension": None if self.extension is None else self.extension.config(),
             "method": self.method,
         }
 
@@ -498,9 +675,29 @@ def load(path: str | Path) -> CombinedModel:
             )
         )
     plan = [Group(tuple(g["members"]), g["cut"]) for g in config["plan"]]
-    model = CombinedModel(members, input_shape=config["input_shape"], plan=plan)
+    model = CombinedModel(
+        members,
+        input_shape=config["input_shape"],
+        plan=plan,
+        feature_names=config.get("feature_names"),
+    )
     if config["union"].get("router_dim") is not None:
-        model.union.add_router(int(config["union"]["router_dim"]))
+        model.union.add_router(
+            int(config["union"]["router_dim"]), config["union"].get("router_source", "features")
+        )
+    if config.get("combiner"):
+        spec = config["combiner"]
+        model.set_combiner(
+            combiner_from_config(
+                spec["kind"], spec["config"], [m.labels for m in members], model.union_labels
+            )
+        )
+    if config.get("extension"):
+        try:
+            extension = Extension(**config["extension"])
+        except TypeError as exc:
+            raise ModelFileError(f"{str(config_path)!r}: bad extension settings: {exc}") from exc
+        model.set_extension(extension)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelFileError(f"{str(path)!r}: {WEIGHTS_FILE} is missing")

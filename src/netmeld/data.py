@@ -6,6 +6,9 @@ be a tensor or ndarray, a ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y)`
 per label it is labeled (the ImageFolder layout), with image files directly inside it is
 unlabeled.
 
+Tables: a pandas DataFrame (columns picked by name when the model has ``feature_names``) or a
+``.csv`` file with a header row, whose ``label`` column (if any) holds the label names.
+
 Raw inputs are floats: images ``(C, H, W)`` in ``[0, 1]`` (``uint8`` arrays are divided by
 255, channels-last arrays are transposed), vectors ``(F,)``.
 """
@@ -65,18 +68,26 @@ def load_data(
     require_labels: bool = False,
     what: str = "data",
     progress: bool | None = None,
+    feature_names: Sequence[str] | None = None,
+    label_column: str = "label",
 ) -> Data:
-    """Read ``data`` into a :class:`Data` whose inputs have shape ``(N, *input_shape)``."""
+    """Read ``data`` into a :class:`Data` whose inputs have shape ``(N, *input_shape)``.
+
+    ``feature_names``: for tables, the columns to read, in order (a DataFrame's or CSV file's
+    other columns are ignored; a missing one is an error).
+    """
     shape = tuple(int(s) for s in input_shape)
     if data is None:
         raise DataError(f"{what}: no data given")
     if isinstance(data, Data):
         result = data
+    elif isinstance(data, (str, Path)) and str(data).lower().endswith(".csv"):
+        result = _read_csv(Path(data), feature_names, label_column, what)
     elif isinstance(data, (str, Path)):
         result = _read_folder(Path(data), shape, what, progress)
     elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (int, float)):
         inputs, labels = data
-        x = _to_inputs(inputs, shape, what)
+        x = _to_inputs(_from_frame(inputs, feature_names, what), shape, what)
         names = _label_names(labels, what)
         if len(names) != len(x):
             raise DataError(f"{what}: {len(x)} inputs but {len(names)} labels")
@@ -84,7 +95,7 @@ def load_data(
     elif isinstance(data, torch.utils.data.Dataset):
         result = _read_dataset(data, shape, what, progress)
     else:
-        result = Data(_to_inputs(data, shape, what), None, what)
+        result = Data(_to_inputs(_from_frame(data, feature_names, what), shape, what), None, what)
     if len(result) == 0:
         raise DataError(f"{what} ({result.source}): is empty; expected at least one input")
     if tuple(result.inputs.shape[1:]) != shape:
@@ -100,8 +111,66 @@ def load_data(
     return result
 
 
+def _from_frame(inputs: Any, feature_names: Sequence[str] | None, what: str) -> Any:
+    """A pandas DataFrame as an array of the named columns (any other input as it is)."""
+    if not (hasattr(inputs, "columns") and hasattr(inputs, "to_numpy")):
+        return inputs
+    columns = [str(c) for c in inputs.columns]
+    if feature_names is None:
+        return inputs.to_numpy(dtype=np.float32)
+    missing = [c for c in feature_names if c not in columns]
+    if missing:
+        raise DataError(
+            f"{what}: the table has no column {missing[0]!r}; the model reads columns "
+            f"{list(feature_names)}, the table has {columns}"
+        )
+    return inputs[list(feature_names)].to_numpy(dtype=np.float32)
+
+
+def _read_csv(
+    path: Path, feature_names: Sequence[str] | None, label_column: str, what: str
+) -> Data:
+    import csv
+
+    if not path.is_file():
+        raise DataError(f"{what}: file {str(path)!r} does not exist")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise DataError(f"{what}: {str(path)!r} is empty; expected a header row and data rows")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    wanted = list(feature_names) if feature_names is not None else [
+        h for h in header if h != label_column
+    ]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(
+            f"{str(path)!r}: no column {missing[0]!r}; the model reads columns {wanted}, the file "
+            f"has {header}"
+        )
+    at = [header.index(c) for c in wanted]
+    values = np.zeros((len(body), len(at)), dtype=np.float32)
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise DataError(
+                f"{str(path)!r}: row {r + 2} has {len(row)} fields, the header has {len(header)}"
+            )
+        for j, i in enumerate(at):
+            try:
+                values[r, j] = float(row[i])
+            except ValueError:
+                raise DataError(
+                    f"{str(path)!r}: row {r + 2}, column {header[i]!r}: {row[i]!r} is not a number"
+                ) from None
+    labels = None
+    if label_column in header:
+        li = header.index(label_column)
+        labels = [row[li].strip() for row in body]
+    return Data(torch.from_numpy(values), labels, str(path))
+
+
 def _label_names(labels: Any, what: str) -> list[str]:
-    if isinstance(labels, (torch.Tensor, np.ndarray)):
+    if isinstance(labels, (torch.Tensor, np.ndarray)) or hasattr(labels, "tolist"):
         labels = labels.tolist()
     if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise DataError(

@@ -40,6 +40,7 @@ class Report:
     parameters: int | None = None
     latency_ms: float | None = None
     batch_size: int | None = None
+    gate_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +53,8 @@ class Report:
             f"examples; with the member known {members}; task confusion "
             f"{100 * self.task_confusion:.1f}%; ECE {self.ece:.3f}"
         )
+        if self.gate_accuracy is not None:
+            text += f"; gate accuracy {100 * self.gate_accuracy:.1f}%"
         if self.parameters is not None:
             text += f"; {self.parameters:,} parameters"
         if self.latency_ms is not None:
@@ -95,8 +98,11 @@ def metrics_from_logits(
             within = col_t[logits[rows][:, col_t].argmax(dim=1)]
             member_accuracy[m] = float((within == targets[rows]).float().mean())
     knows = {label: set(label_members[label]) for label in labels}
+    # labels no member knows (a new head's or an extension's) never count as task confusion
     confused = [
-        not (knows[labels[int(t)]] & knows[labels[int(p)]])
+        bool(knows[labels[int(t)]])
+        and bool(knows[labels[int(p)]])
+        and not (knows[labels[int(t)]] & knows[labels[int(p)]])
         for t, p in zip(targets.tolist(), predicted.tolist(), strict=True)
     ]
     return Report(
@@ -107,6 +113,19 @@ def metrics_from_logits(
         task_confusion=sum(confused) / max(len(confused), 1),
         ece=expected_calibration_error(logits.softmax(dim=1), targets),
     )
+
+
+def gate_accuracy(model: CombinedModel, gate: torch.Tensor, targets: torch.Tensor) -> float:
+    """How often the router's chosen member knows the true label (rows whose label some member
+    knows)."""
+    chosen = gate.argmax(dim=1).tolist()
+    hits, rows = 0, 0
+    for t, m in zip(targets.tolist(), chosen, strict=True):
+        owners = model.label_members[model.labels[t]]
+        if owners:
+            rows += 1
+            hits += model.member_names[m] in owners
+    return hits / max(rows, 1)
 
 
 @torch.no_grad()
@@ -139,10 +158,14 @@ def evaluate(
     targets = loaded.label_indices(model.labels)
     model.eval()
     starts = range(0, len(loaded), batch_size)
-    parts = [
-        model(loaded.inputs[s : s + batch_size])
-        for s in track(starts, "evaluating", total=len(starts), enabled=progress)
-    ]
+    parts = []
+    gates = []
+    for s in track(starts, "evaluating", total=len(starts), enabled=progress):
+        batch = loaded.inputs[s : s + batch_size]
+        parts.append(model(batch))
+        gate = model.gate(batch)
+        if gate is not None:
+            gates.append(gate)
     report = metrics_from_logits(
         name or str(model.method.get("name", "model")),
         torch.cat(parts),
@@ -150,6 +173,8 @@ def evaluate(
         model.labels,
         model.label_members,
     )
+    if gates:
+        report.gate_accuracy = gate_accuracy(model, torch.cat(gates), targets)
     report.parameters = model.num_parameters
     if latency:
         report.batch_size = min(batch_size, len(loaded))
@@ -191,6 +216,9 @@ def render_table(
         table.add_column(f"Δ {ref.name.split(' ')[0]}", justify="right")
     table.add_column("member acc (known)", justify="right")
     table.add_column("task confusion", justify="right")
+    gated = any(r.gate_accuracy is not None for r in reports)
+    if gated:
+        table.add_column("gate acc", justify="right")
     table.add_column("ECE", justify="right")
     table.add_column("params", justify="right")
     table.add_column("ms/batch", justify="right")
@@ -203,9 +231,10 @@ def render_table(
             if r.member_accuracy
             else "-"
         )
+        row += [member, f"{100 * r.task_confusion:.1f}%"]
+        if gated:
+            row.append("-" if r.gate_accuracy is None else f"{100 * r.gate_accuracy:.1f}%")
         row += [
-            member,
-            f"{100 * r.task_confusion:.1f}%",
             f"{r.ece:.3f}",
             f"{r.parameters:,}" if r.parameters is not None else "-",
             f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-",

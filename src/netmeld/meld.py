@@ -23,6 +23,8 @@ class Extracted:
 
     features: list[torch.Tensor]
     router_input: torch.Tensor
+    inputs: torch.Tensor | None = None  # the raw inputs, for methods that read them
+    label_space: list[str] | None = None  # the labels targets index (open-label methods)
 
     def __len__(self) -> int:
         return len(self.router_input)
@@ -58,6 +60,7 @@ def meld(
     *,
     params: dict[str, Any] | None = None,
     input_shape: Sequence[int] | None = None,
+    feature_names: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool | None = None,
 ) -> CombinedModel:
@@ -72,6 +75,8 @@ def meld(
         params: the method's parameters; unknown names are an error.
         input_shape: the combined model's input shape when members' shapes differ (images are
             resized per member).
+        feature_names: the combined input's column names when members read named columns
+            (default: their columns in order of first appearance).
         seed: seeds every random choice of the fit.
         progress: show progress bars (default: when stderr is a terminal).
     """
@@ -80,7 +85,7 @@ def meld(
     members = list(members)
     if not members:
         raise IncompatibleMembersError("meld needs at least one member")
-    model = CombinedModel(members, input_shape=input_shape)
+    model = CombinedModel(members, input_shape=input_shape, feature_names=feature_names)
     extracted = None
     targets = None
     n_examples = 0
@@ -96,11 +101,20 @@ def meld(
             require_labels=info.data == "labeled",
             what=f"data for method {method!r}",
             progress=progress,
+            feature_names=model.feature_names,
         )
         n_examples = len(loaded)
+        label_space = list(model.labels)
         if info.data == "labeled":
-            targets = loaded.label_indices(model.labels)
+            assert loaded.labels is not None
+            if info.open_labels:
+                label_space += [
+                    label for label in dict.fromkeys(loaded.labels) if label not in label_space
+                ]
+            targets = loaded.label_indices(label_space)
         extracted = extract(model, loaded.inputs, progress=progress)
+        extracted.inputs = loaded.inputs
+        extracted.label_space = label_space
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

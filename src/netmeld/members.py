@@ -36,11 +36,15 @@ class Preprocessing:
         mean: per-channel mean subtracted after scaling to ``[0, 1]`` (one value per channel,
             or one value for all); ``None`` for no normalisation.
         std: per-channel standard deviation, same rules as ``mean``.
+        columns: for a member reading vectors (tables), the columns of the combined model's
+            input it reads, in its own order: names (matched against the combined model's
+            ``feature_names``) or integer positions. ``None`` reads the whole input.
     """
 
     input_shape: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    columns: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.input_shape)
@@ -68,6 +72,20 @@ class Preprocessing:
             object.__setattr__(self, what, value)
         if (self.mean is None) != (self.std is None):
             raise MemberError("preprocessing: give both mean and std, or neither")
+        if self.columns is not None:
+            columns = tuple(
+                c if isinstance(c, str) else int(c) for c in self.columns  # numpy ints too
+            )
+            if len(shape) != 1 or len(columns) != shape[0]:
+                raise MemberError(
+                    f"preprocessing: {len(columns)} columns given for input_shape {shape}; "
+                    "columns are for vector inputs and must number input_shape[0]"
+                )
+            if len(set(columns)) != len(columns):
+                raise MemberError(f"preprocessing: columns repeat: {list(columns)}")
+            if any(isinstance(c, int) and c < 0 for c in columns):
+                raise MemberError(f"preprocessing: column positions must be >= 0: {columns}")
+            object.__setattr__(self, "columns", columns)
 
     @property
     def is_image(self) -> bool:
@@ -78,6 +96,7 @@ class Preprocessing:
             "input_shape": list(self.input_shape),
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            "columns": None if self.columns is None else list(self.columns),
         }
 
     @classmethod
@@ -86,6 +105,7 @@ class Preprocessing:
             input_shape=tuple(data["input_shape"]),
             mean=None if data.get("mean") is None else tuple(data["mean"]),
             std=None if data.get("std") is None else tuple(data["std"]),
+            columns=None if data.get("columns") is None else tuple(data["columns"]),
         )
 
 

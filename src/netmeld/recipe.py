@@ -42,6 +42,7 @@ class PreprocessingSpec(BaseModel):
     input_shape: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    columns: tuple[int | str, ...] | None = None
 
 
 class MemberSpec(BaseModel):
@@ -68,6 +69,7 @@ class Recipe(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     data: str | None = None
     input_shape: tuple[int, ...] | None = None
+    feature_names: list[str] | None = None
     seed: int = 0
 
     @model_validator(mode="after")
@@ -148,6 +150,7 @@ def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
         data,
         params=recipe.params,
         input_shape=recipe.input_shape,
+        feature_names=recipe.feature_names,
         seed=recipe.seed,
         progress=progress,
     )

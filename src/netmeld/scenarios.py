@@ -236,3 +236,76 @@ def few_per_class(labels: Sequence[str], k: int, *, seed: int = 0) -> list[int]:
         idx = by_label[label]
         chosen.extend(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
     return sorted(chosen)
+
+
+@dataclass
+class TableScenario:
+    """Two (or more) tabular MLP members reading different columns, and the oracle on all."""
+
+    members: list[Member]
+    oracle: Member
+    feature_names: list[str]
+    train: tuple[torch.Tensor, list[str]]
+    test: tuple[torch.Tensor, list[str]]
+
+
+def table_scenario(
+    dataset: str = "breast_cancer",
+    *,
+    parts: int = 2,
+    seed: int = 0,
+    epochs: int = 60,
+    train_fraction: float = 0.6,
+) -> TableScenario:
+    """An sklearn table split by columns: member ``i`` reads every ``parts``-th column from
+    ``i`` and is trained on the training rows; the oracle reads all columns."""
+    from sklearn import datasets
+
+    from netmeld.zoo import MLP
+
+    loaders = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine}
+    if dataset not in loaders:
+        raise ValueError(f"dataset {dataset!r}: expected one of {sorted(loaders)}")
+    bunch = loaders[dataset]()
+    x = torch.tensor(bunch.data, dtype=torch.float32)
+    names = [str(n).replace(" ", "_") for n in bunch.feature_names]
+    classes = [str(c) for c in bunch.target_names]
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    rng = np.random.default_rng(seed)
+    order = torch.as_tensor(rng.permutation(len(x)))
+    n_train = int(len(x) * train_fraction)
+    train, test = order[:n_train], order[n_train:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+
+    def member_for(cols: list[int], name: str, offset: int) -> Member:
+        torch.manual_seed(seed + offset)
+        model = MLP(len(cols), len(classes), hidden=32, depth=2)
+        xs = (x[train][:, cols] - mean[cols]) / std[cols]
+        train_classifier(model, xs, y[train], epochs=epochs, lr=1e-2, batch_size=32, seed=seed)
+        return Member(
+            model,
+            classes,
+            name=name,
+            preprocessing=Preprocessing(
+                (len(cols),),
+                mean=tuple(mean[cols].tolist()),
+                std=tuple(std[cols].tolist()),
+                columns=tuple(names[c] for c in cols),
+            ),
+            architecture=Architecture(
+                "netmeld.zoo:mlp", {"in_features": len(cols), "hidden": 32, "depth": 2}
+            ),
+        )
+
+    members = [
+        member_for(list(range(i, len(names), parts)), f"cols{i + 1}", i + 1) for i in range(parts)
+    ]
+    oracle = member_for(list(range(len(names))), "all-columns", 0)
+    label_names = [classes[int(v)] for v in y]
+    return TableScenario(
+        members,
+        oracle,
+        names,
+        (x[train], [label_names[i] for i in train.tolist()]),
+        (x[test], [label_names[i] for i in test.tolist()]),
+    )

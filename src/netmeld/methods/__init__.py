@@ -1,6 +1,6 @@
 """Combination methods, registered by name. Each family lives in its own module."""
 
-from netmeld.methods import union  # noqa: F401  (registers the union-head methods)
+from netmeld.methods import ensemble, transfer, union  # noqa: F401  (registers the methods)
 from netmeld.methods._registry import (
     MethodInfo,
     MethodParams,

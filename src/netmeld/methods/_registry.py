@@ -39,6 +39,7 @@ class MethodInfo:
     reference: str
     params: type[MethodParams]
     fit: FitFn
+    open_labels: bool = False  # the data's labels may include labels no member knows
 
     def validate_params(self, params: dict[str, Any] | None) -> MethodParams:
         try:
@@ -63,11 +64,14 @@ def register_method(
     data: DataNeed,
     params: type[MethodParams] = MethodParams,
     reference: str = "",
+    open_labels: bool = False,
 ) -> Callable[[FitFn], FitFn]:
     """Register ``fit(model, extracted, targets, params)`` under ``name``.
 
     A clash with a registered name or a malformed name (lowercase words joined by ``-``) is an
-    error. The function's docstring's first line is the method's summary.
+    error. The function's docstring's first line is the method's summary. With
+    ``open_labels`` the labeled data may hold labels no member knows; the fit then reads the
+    label space from ``extracted.label_space``.
     """
     if not _NAME.match(name):
         raise MethodError(f"method name {name!r}: use lowercase words joined by '-'")
@@ -78,7 +82,7 @@ def register_method(
         if name in _REGISTRY:
             raise MethodError(f"method {name!r} is registered already")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodInfo(name, data, summary, reference, params, fn)
+        _REGISTRY[name] = MethodInfo(name, data, summary, reference, params, fn, open_labels)
         return fn
 
     return decorate

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -478,6 +478,11 @@ def fit_finetune(
 
 class RouterParams(TuneParams):
     anchor: float = Field(1e-3, ge=0, description="L2 pull towards the starting weights")
+    gate_on: Literal["features", "input"] = Field(
+        "features",
+        description="what the gate reads: the members' features (started from their heads) or "
+        "the raw input, flattened (started from zero)",
+    )
 
 
 @register_method(
@@ -502,7 +507,17 @@ def fit_router(
         steps=params.steps,
         lr=params.lr,
         anchor=params.anchor,
+        source=params.gate_on,
     )
+
+
+def gate_features(extracted: Extracted, source: str) -> torch.Tensor:
+    """What a router with ``source`` reads, for the cached data."""
+    if source == "features":
+        return extracted.router_input
+    if extracted.inputs is None:
+        raise MethodError("a router on the raw input needs the raw inputs")
+    return extracted.inputs.flatten(1)
 
 
 def tune_gate(
@@ -513,17 +528,18 @@ def tune_gate(
     steps: int,
     lr: float,
     anchor: float,
+    source: str = "features",
 ) -> None:
     """Add a router started from the centred, norm-aligned heads and fit it to ``loss_fn``.
 
     The gate starts as the heads' joint classifier (so it starts where ``weight-norm`` after
     centring would answer) and is pulled towards that start with an L2 ``anchor``; the members'
-    temperatures are fitted with it.
+    temperatures are fitted with it. A gate on the raw input (``source="input"``) starts at zero.
     """
     fit_center_norm(model, extracted)
     union = model.union
-    x = extracted.router_input
-    union.add_router(x.shape[1])
+    x = gate_features(extracted, source)
+    union.add_router(x.shape[1], source)
     router = union.router
     assert router is not None
     mean = x.mean(0)
@@ -536,6 +552,8 @@ def tune_gate(
         router.bias.zero_()
         row = 0
         for i, (name, head) in enumerate(zip(model.member_names, _heads(model), strict=True)):
+            if source == "input":
+                break
             start, stop = columns[name]
             rows = slice(row, row + head.out_features)
             w = head.weight * union.scale[i]
@@ -615,7 +633,9 @@ def fit_select(
                         h(f[held_out])
                         for h, f in zip(_heads(trial), extracted.features, strict=True)
                     ],
-                    extracted.router_input[held_out] if trial.union.router is not None else None,
+                    gate_features(extracted, trial.union.router_source)[held_out]
+                    if trial.union.router is not None
+                    else None,
                 )
             correct += float((out.argmax(1) == targets[held_out]).sum())
             loss += float(F.cross_entropy(out, targets[held_out], reduction="sum"))
@@ -644,6 +664,8 @@ def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
     return _Extracted(
         [f[rows] for f in extracted.features],
         extracted.router_input[rows],
+        None if extracted.inputs is None else extracted.inputs[rows],
+        extracted.label_space,
     )
 
 

@@ -1,0 +1,213 @@
+"""Few-shot class extension of any combined model: ``netmeld.extend(model, examples, labels)``.
+
+New classes are added from a few examples each, in two steps:
+
+1. **Weight imprinting** (Qi et al., "Low-Shot Learning with Imprinted Weights", CVPR 2018):
+   the members' penultimate features are L2-normalised per member, concatenated, centred and
+   normalised again; a new class's weight is the normalised mean of its examples' features.
+   Its score is ``logsumexp(old logits) + s * cos(f, w) + b`` (:class:`~netmeld.combiners.
+   Extension`): the old logits are untouched, and the new class wins where its cosine passes
+   the threshold ``-b / s``, set halfway between its examples' (leave-one-out) similarity and
+   the similarity of the other inputs given.
+2. **Optional fine-tuning** of the new weights, biases and scale: cross-entropy on the examples
+   plus distillation of the old model's outputs on the ``unlabeled`` inputs (and on any
+   examples of old classes), whose targets give the new classes probability 0, so that old
+   classes do not degrade (as in Learning without Forgetting, Li & Hoiem 2016). Without
+   ``unlabeled`` inputs or old-class examples only the new weights move; thresholds stay.
+
+The result is a new :class:`~netmeld.combined.CombinedModel`; the model given is not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from netmeld._progress import track
+from netmeld.combined import CombinedModel
+from netmeld.combiners import Extension
+from netmeld.data import load_data
+from netmeld.errors import DataError, LabelError
+
+
+@torch.no_grad()
+def _embed(
+    model: CombinedModel, inputs: torch.Tensor, batch_size: int, progress: bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedded features (before centring) and the model's full logits on ``inputs``."""
+    model.eval()
+    feats, logits = [], []
+    starts = range(0, len(inputs), batch_size)
+    for s in track(starts, "running the model", total=len(starts), enabled=progress):
+        x = inputs[s : s + batch_size]
+        out = model.run_members(x)
+        base = model.base_logits(out, x)
+        if model.extension is not None:
+            base = torch.cat([base, model.extension(out.features, base)], dim=1)
+        feats.append(Extension.embed(out.features))
+        logits.append(base)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def extend(
+    model: CombinedModel,
+    examples: Any,
+    labels: Any = None,
+    *,
+    unlabeled: Any = None,
+    steps: int = 100,
+    lr: float = 1e-2,
+    distill: float = 1.0,
+    scale: float = 10.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> CombinedModel:
+    """A copy of ``model`` that also predicts the new labels in ``examples``.
+
+    Args:
+        model: any combined model (it is not modified).
+        examples: labeled examples: inputs with ``labels``, ``(inputs, labels)`` or a folder
+            with one subfolder of images per label. Labels the model knows are used as
+            examples of old classes (for calibration and distillation); the others are added.
+        labels: the label names of ``examples`` when it holds only inputs.
+        unlabeled: optional unlabeled inputs (e.g. a folder of images) on which the old
+            model's outputs are distilled so old classes keep their accuracy.
+        steps: fine-tuning steps after imprinting (0: imprinting only).
+        lr: Adam learning rate of the fine-tuning.
+        distill: weight of the distillation term.
+        scale: the cosine scale ``s`` imprinting starts from.
+        seed: seeds the fine-tuning.
+    """
+    if steps < 0 or lr <= 0 or distill < 0 or scale <= 0:
+        raise ValueError("extend: steps and distill must be >= 0, lr and scale > 0")
+    data = load_data(
+        examples if labels is None else (examples, labels),
+        model.input_shape,
+        require_labels=True,
+        what="examples",
+        progress=progress,
+        feature_names=model.feature_names,
+    )
+    assert data.labels is not None
+    old_labels = list(model.labels)
+    new_labels = [label for label in dict.fromkeys(data.labels) if label not in old_labels]
+    if not new_labels:
+        raise LabelError(
+            f"examples ({data.source}): every label is known to the model already "
+            f"({', '.join(sorted(set(data.labels)))}); extend adds new labels"
+        )
+    extended = copy.deepcopy(model)
+    emb, old_logits = _embed(extended, data.inputs, batch_size, progress)
+    all_labels = old_labels + new_labels
+    targets = torch.tensor([all_labels.index(label) for label in data.labels])
+    is_new = targets >= len(old_labels)
+    distill_emb = [emb[~is_new]]
+    distill_logits = [old_logits[~is_new]]
+    if unlabeled is not None:
+        extra = load_data(
+            unlabeled,
+            model.input_shape,
+            what="unlabeled inputs",
+            progress=progress,
+            feature_names=model.feature_names,
+        )
+        u_emb, u_logits = _embed(extended, extra.inputs, batch_size, progress)
+        distill_emb.append(u_emb)
+        distill_logits.append(u_logits)
+    d_emb = torch.cat(distill_emb)
+    d_logits = torch.cat(distill_logits)
+
+    previous = extended.extension
+    ext = Extension(emb.shape[1], ([] if previous is None else previous.labels) + new_labels)
+    with torch.no_grad():
+        if previous is not None:  # keep earlier added classes exactly
+            ext.center.copy_(previous.center)
+            ext.log_scale.copy_(previous.log_scale)
+            k = len(previous.labels)
+            ext.weight[:k] = previous.weight
+            ext.bias[:k] = previous.bias
+        else:
+            ext.center.copy_(torch.cat([emb, d_emb]).mean(0))
+            ext.log_scale.fill_(math.log(scale))
+    first_new = 0 if previous is None else len(previous.labels)
+    s = float(ext.log_scale.exp())
+    thresholds = []
+    with torch.no_grad():
+        for j, label in enumerate(new_labels):
+            rows = F.normalize(emb[[lb == label for lb in data.labels]] - ext.center, dim=1)
+            proto = F.normalize(rows.mean(0), dim=0)
+            ext.weight[first_new + j] = proto
+            if len(rows) > 1:  # leave-one-out similarity: what an unseen example would get
+                loo = F.normalize(rows.sum(0, keepdim=True) - rows, dim=1)
+                own = float((rows * loo).sum(1).median())
+            else:
+                own = 1.0
+            if len(d_emb):
+                others = F.normalize(d_emb - ext.center, dim=1) @ proto
+                other = float(torch.quantile(others, 0.9))
+            else:
+                other = 0.0
+            tau = (own + other) / 2
+            thresholds.append(tau)
+            ext.bias[first_new + j] = -s * tau
+    # the model's old logits on the examples; ext adds columns for the new labels only
+    n_prev = 0 if previous is None else len(previous.labels)
+    base_cols = len(old_labels) - n_prev
+
+    def logits_with(e: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        base = old[:, :base_cols]
+        new_cols = ext.scores(e, base)[:, n_prev:]
+        return torch.cat([old, new_cols], dim=1)
+
+    fine_tuned = steps > 0
+    if fine_tuned:
+        train_bias = len(d_emb) > 0
+        params = [ext.weight] + ([ext.bias, ext.log_scale] if train_bias else [])
+        start = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        d_targets = F.pad(d_logits.softmax(dim=1), (0, len(new_labels)))
+        try:
+            for _ in range(steps):
+                loss = F.cross_entropy(logits_with(emb, old_logits), targets)
+                if train_bias and distill > 0:
+                    loss = loss + distill * F.cross_entropy(logits_with(d_emb, d_logits), d_targets)
+                loss = loss + 1e-3 * sum(
+                    (p - q).pow(2).sum() for p, q in zip(params, start, strict=True)
+                )
+                optimizer.zero_grad()
+                loss.backward()
+                if previous is not None:  # earlier added classes stay as they were
+                    ext.weight.grad[:n_prev] = 0  # type: ignore[index]
+                    if train_bias:
+                        ext.bias.grad[:n_prev] = 0  # type: ignore[index]
+                        ext.log_scale.grad = None
+                optimizer.step()
+        finally:
+            torch.random.set_rng_state(generator_state)
+            for p in params:
+                p.requires_grad_(False)
+    if not torch.isfinite(ext.weight).all():
+        raise DataError("extend: the fit diverged (non-finite weights); lower lr")
+    extended.set_extension(ext)
+    history = list(extended.method.get("extended", []))
+    history.append(
+        {
+            "labels": new_labels,
+            "examples": {label: data.labels.count(label) for label in new_labels},
+            "old_class_examples": int((~is_new).sum()),
+            "unlabeled": len(d_emb) - int((~is_new).sum()),
+            "steps": steps,
+            "thresholds": [round(t, 4) for t in thresholds],
+        }
+    )
+    extended.method = {**extended.method, "extended": history}
+    return extended.eval()

@@ -1,0 +1,155 @@
+"""Many-to-one transfer (A, B -> Z): the members as frozen feature extractors, a new head.
+
+The members' penultimate features (their heads' inputs, found automatically) are fused by
+concatenation, a sum of projections or attention (:class:`~netmeld.combiners.FeatureHead`),
+and a new head is trained on the user's labeled set. Z's labels are the labels of that set:
+they may include labels no member knows. ``unfreeze=n`` also trains the last ``n`` blocks of
+every member's body (BatchNorm statistics stay frozen).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from netmeld.combiners import FeatureHead
+from netmeld.errors import MethodError
+from netmeld.methods._registry import MethodParams, register_method
+
+if TYPE_CHECKING:
+    from netmeld.combined import CombinedModel
+    from netmeld.meld import Extracted
+
+
+class TransferParams(MethodParams):
+    fusion: Literal["concat", "sum", "attention"] = Field(
+        "concat", description="how the members' features are fused"
+    )
+    dim: int = Field(128, ge=1, description="projection width for 'sum' and 'attention'")
+    unfreeze: int = Field(
+        0, ge=0, description="also train the last n blocks of each member's body (0: frozen)"
+    )
+    steps: int = Field(300, ge=1, description="Adam steps (full batch when frozen)")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the new head")
+    body_lr: float = Field(1e-4, gt=0, description="learning rate of unfrozen blocks")
+    weight_decay: float = Field(1e-3, ge=0, description="L2 penalty on the new head's weights")
+    batch_size: int = Field(64, ge=1, description="batch size when blocks are unfrozen")
+
+
+_INDEX = re.compile(r"^\d+$")
+
+
+def block_key(name: str) -> str:
+    """The block a parameter belongs to: its module path up to the first run of indices
+    (``layer4.1.conv1.weight`` -> ``layer4.1``, ``blocks.6.0.conv.weight`` -> ``blocks.6.0``,
+    ``conv1.weight`` -> ``conv1``)."""
+    parts = name.split(".")[:-1] or name.split(".")
+    out: list[str] = []
+    seen_index = False
+    for part in parts:
+        if _INDEX.match(part):
+            seen_index = True
+            out.append(part)
+        elif seen_index:
+            break
+        else:
+            out.append(part)
+    return ".".join(out)
+
+
+def last_blocks(model: CombinedModel, n: int) -> list[nn.Parameter]:
+    """Parameters of the last ``n`` parameterised blocks of each member's trunk and neck."""
+    chosen: dict[int, nn.Parameter] = {}
+    for name in model.member_names:
+        body: list[tuple[str, nn.Parameter]] = []
+        for prefix, module in (
+            ("trunk", model.trunks[str(model.group_of[name])]),
+            ("neck", model.necks[name]),
+        ):
+            body.extend((f"{prefix}.{k}", p) for k, p in module.named_parameters())
+        head = model.head_names[name]
+        body = [(k, p) for k, p in body if not k.split(".", 1)[1].startswith(head + ".")]
+        keys: list[str] = []
+        for k, _ in body:
+            key = k.split(".", 1)[0] + "." + block_key(k.split(".", 1)[1])
+            if key not in keys:
+                keys.append(key)
+        for k, p in body:
+            key = k.split(".", 1)[0] + "." + block_key(k.split(".", 1)[1])
+            if key in keys[-n:]:
+                chosen[id(p)] = p
+    return list(chosen.values())
+
+
+@register_method(
+    "transfer",
+    data="labeled",
+    params=TransferParams,
+    open_labels=True,
+    reference="transfer learning from several frozen feature extractors with a new head "
+    "(feature concatenation; attention fusion as in Ilse et al., ICML 2018)",
+)
+def fit_transfer(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: TransferParams,
+) -> None:
+    """A new head over the members' fused features, for the labels of the data (new ones too)."""
+    assert extracted is not None and targets is not None
+    labels = extracted.label_space or model.union_labels
+    dims = [f.shape[1] for f in extracted.features]
+    head = FeatureHead(dims, labels, params.fusion, params.dim)
+    feats = torch.cat(extracted.features, dim=1)
+    with torch.no_grad():
+        head.mean.copy_(feats.mean(0))
+        head.std.copy_(feats.std(0).clamp_min(1e-6) if len(feats) > 1 else torch.ones(sum(dims)))
+    model.set_combiner(head)
+    head_params = list(head.parameters())
+    for p in head_params:
+        p.requires_grad_(True)
+    decay = [p for n, p in head.named_parameters() if n.endswith("weight")]
+
+    def penalty() -> torch.Tensor:
+        return params.weight_decay * torch.stack([w.pow(2).sum() for w in decay]).sum()
+
+    if params.unfreeze == 0:
+        optimizer = torch.optim.Adam(head_params, lr=params.lr)
+        for _ in range(params.steps):
+            loss = F.cross_entropy(head.head(head.fuse(extracted.features)), targets) + penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    else:
+        if extracted.inputs is None:
+            raise MethodError("transfer: unfreeze > 0 needs the raw inputs")
+        body = last_blocks(model, params.unfreeze)
+        if not body:
+            raise MethodError("transfer: the members have no parameterised blocks to unfreeze")
+        for p in body:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(
+            [{"params": head_params, "lr": params.lr}, {"params": body, "lr": params.body_lr}]
+        )
+        model.eval()  # BatchNorm keeps its running statistics
+        n = len(targets)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+        batch = min(params.batch_size, n)
+        for _ in range(params.steps):
+            rows = torch.randperm(n, generator=generator)[:batch]
+            x = extracted.inputs[rows]
+            out = model.run_members(x)
+            loss = F.cross_entropy(head(out, x), targets[rows]) + penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for p in body:
+            p.requires_grad_(False)
+        model.method["fitted"] = {"unfrozen_parameters": sum(p.numel() for p in body)}
+    for p in head_params:
+        p.requires_grad_(False)
