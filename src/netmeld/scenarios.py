@@ -245,7 +245,8 @@ class TableScenario:
     members: list[Member]
     oracle: Member
     feature_names: list[str]
-    train: tuple[torch.Tensor, list[str]]
+    train: tuple[torch.Tensor, list[str]]  # what the members were trained on
+    holdout: tuple[torch.Tensor, list[str]]  # rows no member saw, for fitting combinations
     test: tuple[torch.Tensor, list[str]]
 
 
@@ -255,10 +256,12 @@ def table_scenario(
     parts: int = 2,
     seed: int = 0,
     epochs: int = 60,
-    train_fraction: float = 0.6,
+    train_fraction: float = 0.5,
+    holdout_fraction: float = 0.2,
 ) -> TableScenario:
     """An sklearn table split by columns: member ``i`` reads every ``parts``-th column from
-    ``i`` and is trained on the training rows; the oracle reads all columns."""
+    ``i`` and is trained on the training rows; the oracle reads all columns and is trained on
+    the training and holdout rows (all the labeled data)."""
     from sklearn import datasets
 
     from netmeld.zoo import MLP
@@ -274,14 +277,16 @@ def table_scenario(
     rng = np.random.default_rng(seed)
     order = torch.as_tensor(rng.permutation(len(x)))
     n_train = int(len(x) * train_fraction)
-    train, test = order[:n_train], order[n_train:]
+    n_hold = int(len(x) * holdout_fraction)
+    train, hold = order[:n_train], order[n_train : n_train + n_hold]
+    test = order[n_train + n_hold :]
     mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
 
-    def member_for(cols: list[int], name: str, offset: int) -> Member:
+    def member_for(cols: list[int], name: str, offset: int, rows: torch.Tensor) -> Member:
         torch.manual_seed(seed + offset)
         model = MLP(len(cols), len(classes), hidden=32, depth=2)
-        xs = (x[train][:, cols] - mean[cols]) / std[cols]
-        train_classifier(model, xs, y[train], epochs=epochs, lr=1e-2, batch_size=32, seed=seed)
+        xs = (x[rows][:, cols] - mean[cols]) / std[cols]
+        train_classifier(model, xs, y[rows], epochs=epochs, lr=1e-2, batch_size=32, seed=seed)
         return Member(
             model,
             classes,
@@ -298,14 +303,13 @@ def table_scenario(
         )
 
     members = [
-        member_for(list(range(i, len(names), parts)), f"cols{i + 1}", i + 1) for i in range(parts)
+        member_for(list(range(i, len(names), parts)), f"cols{i + 1}", i + 1, train)
+        for i in range(parts)
     ]
-    oracle = member_for(list(range(len(names))), "all-columns", 0)
+    oracle = member_for(list(range(len(names))), "all-columns", 0, torch.cat([train, hold]))
     label_names = [classes[int(v)] for v in y]
-    return TableScenario(
-        members,
-        oracle,
-        names,
-        (x[train], [label_names[i] for i in train.tolist()]),
-        (x[test], [label_names[i] for i in test.tolist()]),
-    )
+
+    def rows(r: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        return x[r], [label_names[i] for i in r.tolist()]
+
+    return TableScenario(members, oracle, names, rows(train), rows(hold), rows(test))
