@@ -115,7 +115,7 @@ def run(sc: dict[str, Any], shots: list[int], seed: int) -> dict[str, dict[str, 
     for k in shots:
         chosen = [i for i in few_per_class(labels, k, seed=seed) if labels[i] in sc["new_names"]]
         examples = (pool[chosen], [labels[i] for i in chosen])
-        for mode, steps in (("imprint", 0), ("imprint + fine-tune", 100)):
+        for mode, steps in (("imprint", 0), ("imprint + fine-tune", 300)):
             start = time.perf_counter()
             model = netmeld.extend(
                 base, *examples, unlabeled=sc["unlabeled_old"], steps=steps, seed=seed

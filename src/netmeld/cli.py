@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         type=int,
-        default=100,
+        default=300,
         help="fine-tuning steps after imprinting; 0 for imprinting only (default: %(default)s)",
     )
     p.add_argument(
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--distill",
         type=float,
-        default=1.0,
+        default=3.0,
         help="weight of the distillation of old outputs (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

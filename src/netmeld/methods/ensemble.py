@@ -135,10 +135,11 @@ def fit_max_confidence(
 
 
 class WeightedParams(MethodParams):
-    unknown: Literal["renormalize", "zero"] = Field(
-        "zero",
-        description="rule for labels only some members know (see 'mean'); with 'zero' the "
-        "weights also act as the members' priors when label sets differ",
+    unknown: Literal["auto", "renormalize", "zero"] = Field(
+        "auto",
+        description="rule for labels only some members know (see 'mean'); 'auto' fits both and "
+        "keeps the one with the lower log-loss (with 'zero' the weights also act as the "
+        "members' priors, which matters when label sets are disjoint)",
     )
     steps: int = Field(100, ge=1, description="L-BFGS iterations")
 
@@ -158,20 +159,32 @@ def fit_weighted(
 ) -> None:
     """Probability mean with member weights fitted by log-loss on labeled data."""
     assert extracted is not None and targets is not None
-    ensemble = _ensemble(model, "mean", params.unknown)
     probs = torch.cat([z.softmax(dim=1) for z in member_logits(model, extracted)], dim=1)
-    raw = torch.zeros(len(model.members), requires_grad=True)
+    rules = ["renormalize", "zero"] if params.unknown == "auto" else [params.unknown]
+    best: tuple[float, Ensemble] | None = None
+    for rule in rules:
+        ensemble = _ensemble(model, "mean", rule)
+        raw = torch.zeros(len(model.members), requires_grad=True)
 
-    def loss_fn() -> torch.Tensor:
-        p = ensemble.mean_probs(probs, raw.softmax(0) * len(model.members))
-        return F.nll_loss(torch.log(p.clamp_min(1e-12)), targets)
+        def loss_fn(ensemble: Ensemble = ensemble, raw: torch.Tensor = raw) -> torch.Tensor:
+            p = ensemble.mean_probs(probs, raw.softmax(0) * len(model.members))
+            return F.nll_loss(torch.log(p.clamp_min(1e-12)), targets)
 
-    _fit([raw], loss_fn, params.steps)
-    weights = raw.detach().softmax(0) * len(model.members)
-    ensemble.weights.data.copy_(weights)
+        _fit([raw], loss_fn, params.steps)
+        ensemble.weights.data.copy_(raw.detach().softmax(0) * len(model.members))
+        with torch.no_grad():
+            loss = float(loss_fn())
+        if best is None or loss < best[0]:
+            best = (loss, ensemble)
+    assert best is not None
+    ensemble = best[1]
     model.set_combiner(ensemble)
     model.method["fitted"] = {
-        "weights": {n: round(float(w), 4) for n, w in zip(model.member_names, weights, strict=True)}
+        "unknown": ensemble.unknown,
+        "weights": {
+            n: round(float(w), 4)
+            for n, w in zip(model.member_names, ensemble.weights, strict=True)
+        },
     }
 
 
