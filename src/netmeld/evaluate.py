@@ -153,7 +153,12 @@ def evaluate(
 ) -> Report:
     """Evaluate ``model`` on labeled ``data`` (``(inputs, label_names)`` or a label folder)."""
     loaded = load_data(
-        data, model.input_shape, require_labels=True, what="evaluation data", progress=progress
+        data,
+        model.input_shape,
+        require_labels=True,
+        what="evaluation data",
+        progress=progress,
+        feature_names=model.feature_names,
     )
     targets = loaded.label_indices(model.labels)
     model.eval()
@@ -194,7 +199,12 @@ def compare(
     if first is None:
         return []
     loaded = load_data(
-        data, first.input_shape, require_labels=True, what="evaluation data", progress=progress
+        data,
+        first.input_shape,
+        require_labels=True,
+        what="evaluation data",
+        progress=progress,
+        feature_names=first.feature_names,
     )
     return [
         evaluate(m, loaded, name=name, batch_size=batch_size, progress=progress)
