@@ -8,7 +8,9 @@ New classes are added from a few examples each, in two steps:
    Its score is ``logsumexp(old logits) + s * cos(f, w) + b`` (:class:`~netmeld.combiners.
    Extension`): the old logits are untouched, and the new class wins where its cosine passes
    the threshold ``-b / s``, set halfway between its examples' (leave-one-out) similarity and
-   the similarity of the other inputs given.
+   the similarity of the other inputs given (unlabeled inputs, old-class examples, examples of
+   the other new classes; with none of them, at 3/4 of its examples' similarity, with a
+   warning).
 2. **Optional fine-tuning** of the new weights, biases and scale: cross-entropy on the examples
    plus distillation of the old model's outputs on the ``unlabeled`` inputs (and on any
    examples of old classes), whose targets give the new classes probability 0, so that old
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -121,6 +124,13 @@ def extend(
         distill_logits.append(u_logits)
     d_emb = torch.cat(distill_emb)
     d_logits = torch.cat(distill_logits)
+    if not len(d_emb):
+        warnings.warn(
+            "extend: no unlabeled inputs and no examples of old classes were given, so nothing "
+            "shows what old classes look like: the new classes' thresholds are guesses and old "
+            "classes may lose accuracy; pass unlabeled= (a few hundred typical inputs)",
+            stacklevel=2,
+        )
 
     previous = extended.extension
     ext = Extension(emb.shape[1], ([] if previous is None else previous.labels) + new_labels)
@@ -147,12 +157,15 @@ def extend(
                 own = float((rows * loo).sum(1).median())
             else:
                 own = 1.0
-            if len(d_emb):
-                others = F.normalize(d_emb - ext.center, dim=1) @ proto
-                other = float(torch.quantile(others, 0.9))
+            # inputs that are not this class: old-class inputs and the other new classes
+            negatives = torch.cat(
+                [d_emb, emb[[lb != label and lb in new_labels for lb in data.labels]]]
+            )
+            if len(negatives):
+                others = F.normalize(negatives - ext.center, dim=1) @ proto
+                tau = (own + float(torch.quantile(others, 0.9))) / 2
             else:
-                other = 0.0
-            tau = (own + other) / 2
+                tau = 0.75 * own
             thresholds.append(tau)
             ext.bias[first_new + j] = -s * tau
     # the model's old logits on the examples; ext adds columns for the new labels only

@@ -107,8 +107,9 @@ def meld(
         label_space = list(model.labels)
         if info.data == "labeled":
             assert loaded.labels is not None
-            if info.open_labels:
-                label_space += [
+            if info.open_labels:  # the data's labels: known ones in union order, then new
+                present = set(loaded.labels)
+                label_space = [label for label in label_space if label in present] + [
                     label for label in dict.fromkeys(loaded.labels) if label not in label_space
                 ]
             targets = loaded.label_indices(label_space)

@@ -9,6 +9,7 @@ every member's body (BatchNorm statistics stay frozen).
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import TYPE_CHECKING, Literal
 
@@ -63,7 +64,12 @@ def block_key(name: str) -> str:
 
 
 def last_blocks(model: CombinedModel, n: int) -> list[nn.Parameter]:
-    """Parameters of the last ``n`` parameterised blocks of each member's trunk and neck."""
+    """Parameters of the last ``n`` parameterised blocks of each member's trunk and neck.
+
+    Blocks follow :func:`block_key`; a block holding only 1-D parameters (a normalisation
+    layer) joins the block before it, so a flat ``Sequential`` of conv, BatchNorm, ReLU counts
+    conv + BatchNorm as one block.
+    """
     chosen: dict[int, nn.Parameter] = {}
     for name in model.member_names:
         body: list[tuple[str, nn.Parameter]] = []
@@ -74,16 +80,29 @@ def last_blocks(model: CombinedModel, n: int) -> list[nn.Parameter]:
             body.extend((f"{prefix}.{k}", p) for k, p in module.named_parameters())
         head = model.head_names[name]
         body = [(k, p) for k, p in body if not k.split(".", 1)[1].startswith(head + ".")]
-        keys: list[str] = []
-        for k, _ in body:
-            key = k.split(".", 1)[0] + "." + block_key(k.split(".", 1)[1])
-            if key not in keys:
-                keys.append(key)
+        blocks: dict[str, list[nn.Parameter]] = {}
         for k, p in body:
             key = k.split(".", 1)[0] + "." + block_key(k.split(".", 1)[1])
-            if key in keys[-n:]:
+            blocks.setdefault(key, []).append(p)
+        merged: list[list[nn.Parameter]] = []
+        for params_ in blocks.values():
+            if merged and all(p.dim() <= 1 for p in params_):
+                merged[-1].extend(params_)
+            else:
+                merged.append(list(params_))
+        for params_ in merged[-n:]:
+            for p in params_:
                 chosen[id(p)] = p
     return list(chosen.values())
+
+
+def own_body(model: CombinedModel) -> None:
+    """Give the combined model its own copy of every trunk and neck (they share the members'
+    parameters until then), so training them never changes the members."""
+    for key in list(model.trunks.keys()):
+        model.trunks[key] = copy.deepcopy(model.trunks[key])
+    for key in list(model.necks.keys()):
+        model.necks[key] = copy.deepcopy(model.necks[key])
 
 
 @register_method(
@@ -128,6 +147,7 @@ def fit_transfer(
     else:
         if extracted.inputs is None:
             raise MethodError("transfer: unfreeze > 0 needs the raw inputs")
+        own_body(model)
         body = last_blocks(model, params.unfreeze)
         if not body:
             raise MethodError("transfer: the members have no parameterised blocks to unfreeze")
