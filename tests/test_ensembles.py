@@ -357,3 +357,15 @@ def test_combiners_save_and_load_with_identical_outputs(digits2, renamed, case, 
     assert type(loaded.combiner) is type(model.combiner)
     assert loaded.combiner.config() == model.combiner.config()
     assert loaded.method == model.method
+
+
+def test_transfer_head_starts_where_the_members_heads_are(digits2):
+    """With init='members' and (almost) no training, the new head gives the members' logits."""
+    few = few_per_class(digits2.pool_labels, 3, seed=0)
+    data = (digits2.pool[few], [digits2.pool_labels[i] for i in few])
+    model = netmeld.meld(digits2.members, "transfer", data, params={"steps": 1, "lr": 1e-12})
+    concat = netmeld.meld(digits2.members, "concat")
+    x = digits2.test[0][:50]
+    assert model.labels == concat.labels
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), concat(x), atol=1e-4, rtol=1e-4)

@@ -38,7 +38,14 @@ class TransferParams(MethodParams):
     steps: int = Field(300, ge=1, description="Adam steps (full batch when frozen)")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate of the new head")
     body_lr: float = Field(1e-4, gt=0, description="learning rate of unfrozen blocks")
-    weight_decay: float = Field(1e-3, ge=0, description="L2 penalty on the new head's weights")
+    weight_decay: float = Field(
+        1e-3, ge=0, description="L2 pull of the new head's weights towards their start"
+    )
+    init: Literal["members", "zero"] = Field(
+        "members",
+        description="start the concat head from the members' heads (a label's row is the mean "
+        "of the rows of the members that know it; new labels start at zero), or from zero",
+    )
     batch_size: int = Field(64, ge=1, description="batch size when blocks are unfrozen")
 
 
@@ -105,6 +112,35 @@ def own_body(model: CombinedModel) -> None:
         model.necks[key] = copy.deepcopy(model.necks[key])
 
 
+@torch.no_grad()
+def init_from_members(model: CombinedModel, head: FeatureHead, labels: list[str]) -> None:
+    """Start a concat head where the members' heads are: on standardised features a member's
+    logit ``w . f + b`` is ``(w * std) . z + (b + w . mean)``; a label several members know gets
+    the mean of their logits, a label none knows a zero row."""
+    weight = torch.zeros_like(head.head.weight)
+    bias = torch.zeros_like(head.head.bias)
+    start = 0
+    owners = [0] * len(labels)
+    row_of = {label: i for i, label in enumerate(labels)}
+    for name, member, dim in zip(model.member_names, model.members, head.dims, strict=True):
+        member_head = model.heads[name]
+        assert isinstance(member_head, nn.Linear)
+        cols = slice(start, start + dim)
+        mean, std = head.mean[cols], head.std[cols]
+        for j, label in enumerate(member.labels):
+            if label not in row_of:
+                continue
+            i = row_of[label]
+            w = member_head.weight[j]
+            weight[i, cols] += w * std
+            bias[i] += w @ mean + (member_head.bias[j] if member_head.bias is not None else 0)
+            owners[i] += 1
+        start += dim
+    count = torch.tensor(owners, dtype=weight.dtype).clamp_min(1)
+    head.head.weight.copy_(weight / count[:, None])
+    head.head.bias.copy_(bias / count)
+
+
 @register_method(
     "transfer",
     data="labeled",
@@ -129,13 +165,22 @@ def fit_transfer(
         head.mean.copy_(feats.mean(0))
         head.std.copy_(feats.std(0).clamp_min(1e-6) if len(feats) > 1 else torch.ones(sum(dims)))
     model.set_combiner(head)
+    if params.fusion == "concat" and params.init == "members":
+        init_from_members(model, head, labels)
+    else:
+        with torch.no_grad():
+            head.head.weight.zero_()
+            head.head.bias.zero_()
     head_params = list(head.parameters())
     for p in head_params:
         p.requires_grad_(True)
     decay = [p for n, p in head.named_parameters() if n.endswith("weight")]
+    start = [p.detach().clone() for p in decay]
 
     def penalty() -> torch.Tensor:
-        return params.weight_decay * torch.stack([w.pow(2).sum() for w in decay]).sum()
+        return params.weight_decay * torch.stack(
+            [(w - w0).pow(2).sum() for w, w0 in zip(decay, start, strict=True)]
+        ).sum()
 
     if params.unfreeze == 0:
         optimizer = torch.optim.Adam(head_params, lr=params.lr)
