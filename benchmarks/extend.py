@@ -158,7 +158,9 @@ def accuracies(model: netmeld.CombinedModel, sc: dict[str, Any]) -> dict[str, fl
     return {"new": acc(new), "old": acc(old), "union": acc(list(range(len(y))))}
 
 
-def run(sc: dict[str, Any], shots: list[int], seed: int) -> dict[str, dict[str, float]]:
+def run(
+    sc: dict[str, Any], shots: list[int], seed: int, budgets: list[float]
+) -> dict[str, dict[str, float]]:
     base = netmeld.meld(
         sc["members"], "router", sc["labeled_old"], seed=seed, input_shape=sc.get("input_shape")
     )
@@ -167,15 +169,24 @@ def run(sc: dict[str, Any], shots: list[int], seed: int) -> dict[str, dict[str, 
     for k in shots:
         chosen = [i for i in few_per_class(labels, k, seed=seed) if labels[i] in sc["new_names"]]
         examples = (pool[chosen], [labels[i] for i in chosen])
-        for mode, steps in (("imprint", 0), ("imprint + fine-tune", 300)):
-            start = time.perf_counter()
-            model = netmeld.extend(
-                base, *examples, unlabeled=sc["unlabeled_old"], steps=steps, seed=seed
-            )
-            result = accuracies(model, sc)
-            result["seconds"] = time.perf_counter() - start
-            result["drop"] = rows["before extension"]["old"] - result["old"]
-            rows[f"{k}-shot, {mode}"] = result
+        for budget in budgets:
+            for mode, steps in (("imprint", 0), ("imprint + fine-tune", 300)):
+                start = time.perf_counter()
+                model = netmeld.extend(
+                    base,
+                    *examples,
+                    unlabeled=sc["unlabeled_old"],
+                    steps=steps,
+                    seed=seed,
+                    max_false_positives=budget,
+                )
+                result = accuracies(model, sc)
+                result["seconds"] = time.perf_counter() - start
+                result["drop"] = rows["before extension"]["old"] - result["old"]
+                name = f"{k}-shot, {mode}"
+                if len(budgets) > 1:
+                    name += f", max_false_positives={budget}"
+                rows[name] = result
     return rows
 
 
@@ -188,6 +199,13 @@ def main() -> None:
     parser.add_argument("--per-member", type=int, default=6000, help="training images per member")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cifar-resolution", type=int, default=128)
+    parser.add_argument(
+        "--max-false-positives",
+        nargs="+",
+        type=float,
+        default=[0.005],
+        help="extend's false-positive budgets to compare (default: the library default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     results = []
@@ -197,7 +215,7 @@ def main() -> None:
             sc = build_cifar(seed, args.data_root, args.cifar_resolution)
         else:
             sc = build(seed, args.data_root, args.per_member, args.epochs)
-        results.append(run(sc, args.shots, seed))
+        results.append(run(sc, args.shots, seed, args.max_false_positives))
         print(f"  seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -64,7 +64,7 @@ def imprinted(base, shots):
 @pytest.fixture(scope="module")
 def tuned(base, shots):
     x, y, unlabeled = shots
-    return netmeld.extend(base, x, y, unlabeled=unlabeled, steps=300, distill=3.0)
+    return netmeld.extend(base, x, y, unlabeled=unlabeled, steps=300)
 
 
 def test_the_base_model_knows_only_the_old_digits(base):
@@ -101,23 +101,39 @@ def test_fine_tuned_extension_agrees_with_the_base_on_old_classes(base, tuned, d
     agree = np.mean(
         [a == b for a, b in zip(tuned.predict(old_x), base.predict(old_x), strict=True)]
     )
-    assert agree >= 0.93, agree  # measured 0.96
+    assert agree >= 0.98, agree  # measured 0.993 (default false-positive budget 0.005)
 
 
 def test_new_classes_are_learned_and_old_ones_kept(base, imprinted, tuned, shots, digits8):
     new = _split(digits8.test, NEW)
     old = _split(digits8.test, OLD)
-    # measured: new digits 0.73 (imprinted) / 0.66 (tuned) of 10 labels; chance is 0.1
-    assert _accuracy(imprinted, new) > 0.5
-    assert _accuracy(tuned, new) > 0.5
-    # measured: old digits 0.82 (base), 0.64 (imprinted), 0.79 (tuned with distillation)
     base_old = _accuracy(base, old)
-    assert _accuracy(tuned, old) >= _accuracy(imprinted, old)
-    assert _accuracy(tuned, old) > base_old - 0.08
+    # the default budget keeps old digits (measured: 0.817 base, 0.813 / 0.810 after) and
+    # still learns some of the new ones on this weak 8x8 trunk (0.21 / 0.27; chance 0.1)
+    for model in (imprinted, tuned):
+        assert _accuracy(model, old) >= base_old - 0.02
+        assert _accuracy(model, new) > 0.15
+    assert _accuracy(tuned, new) >= _accuracy(imprinted, new)
     history = tuned.method["extended"]
     assert len(history) == 1 and history[0]["labels"] == NEW
     assert history[0]["examples"] == {"8": 10, "9": 10}
     assert history[0]["unlabeled"] == len(shots[2]) and history[0]["steps"] == 300
+
+
+def test_a_larger_false_positive_budget_trades_old_accuracy_for_new(base, shots, digits8):
+    x, y, unlabeled = shots
+    new = _split(digits8.test, NEW)
+    old = _split(digits8.test, OLD)
+    wide = netmeld.extend(base, x, y, unlabeled=unlabeled, max_false_positives=0.1)
+    # measured: new 0.66, old 0.72 (base 0.82): each new class may claim 5 % of old inputs
+    assert _accuracy(wide, new) > 0.5
+    assert base_old_drop(base, wide, old) < 0.15
+    with pytest.raises(ValueError, match="max_false_positives"):
+        netmeld.extend(base, x, y, unlabeled=unlabeled, max_false_positives=1.5)
+
+
+def base_old_drop(base, model, old) -> float:
+    return _accuracy(base, old) - _accuracy(model, old)
 
 
 def test_extended_model_saves_and_loads(tuned, digits8, tmp_path):
@@ -135,8 +151,9 @@ def test_extending_twice_keeps_the_first_added_class(base, shots, digits8, tmp_p
     x, y, unlabeled = shots
     eights = [i for i, v in enumerate(y) if v == "8"]
     nines = [i for i, v in enumerate(y) if v == "9"]
-    once = netmeld.extend(base, x[eights], ["8"] * len(eights), unlabeled=unlabeled, steps=50)
-    twice = netmeld.extend(once, x[nines], ["9"] * len(nines), unlabeled=unlabeled, steps=50)
+    wide = {"unlabeled": unlabeled, "steps": 50, "max_false_positives": 0.1}
+    once = netmeld.extend(base, x[eights], ["8"] * len(eights), **wide)
+    twice = netmeld.extend(once, x[nines], ["9"] * len(nines), **wide)
     assert once.labels == [*OLD, "8"] and twice.labels == OLD + NEW
     assert len(twice.method["extended"]) == 2
     first, second = once.extension, twice.extension
@@ -151,7 +168,7 @@ def test_extending_twice_keeps_the_first_added_class(base, shots, digits8, tmp_p
     assert torch.equal(b[:, : len(OLD)], a[:, : len(OLD)])
     # the same parameters; a wider matrix product may round differently in the last bit
     torch.testing.assert_close(b[:, len(OLD)], a[:, len(OLD)], rtol=1e-6, atol=1e-5)
-    assert _accuracy(twice, _split(digits8.test, ["9"])) > 0.3  # measured 0.46; chance 0.1
+    assert _accuracy(twice, _split(digits8.test, ["9"])) > 0.3  # chance 0.1
     twice.save(tmp_path / "twice")
     with torch.no_grad():
         torch.testing.assert_close(netmeld.load(tmp_path / "twice")(test_x), b, rtol=0, atol=0)

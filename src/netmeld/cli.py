@@ -102,6 +102,7 @@ def _cmd_extend(args: argparse.Namespace) -> int:
         steps=args.steps,
         lr=args.lr,
         distill=args.distill,
+        max_false_positives=args.max_false_positives,
         seed=args.seed,
     )
     extended.save(out, overwrite=args.overwrite)
@@ -361,8 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--distill",
         type=float,
-        default=3.0,
+        default=1.0,
         help="weight of the distillation of old outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-false-positives",
+        type=float,
+        default=0.005,
+        help="share of the other inputs each new class may claim; sets its threshold "
+        "(default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -7,15 +7,15 @@ New classes are added from a few examples each, in two steps:
    normalised again; a new class's weight is the normalised mean of its examples' features.
    Its score is ``logsumexp(old logits) + s * cos(f, w) + b`` (:class:`~netmeld.combiners.
    Extension`): the old logits are untouched, and the new class wins where its cosine passes
-   the threshold ``-b / s``, set halfway between its examples' (leave-one-out) similarity and
-   the similarity of the other inputs given (unlabeled inputs, old-class examples, examples of
-   the other new classes; with none of them, at 3/4 of its examples' similarity, with a
-   warning).
-2. **Optional fine-tuning** of the new weights, biases and scale: cross-entropy on the examples
-   plus distillation of the old model's outputs on the ``unlabeled`` inputs (and on any
-   examples of old classes), whose targets give the new classes probability 0, so that old
-   classes do not degrade (as in Learning without Forgetting, Li & Hoiem 2016). Without
-   ``unlabeled`` inputs or old-class examples only the new weights move; thresholds stay.
+   the threshold ``-b / s``. The threshold bounds the false positives: it is the
+   ``1 - max_false_positives`` quantile of the similarity of the other inputs given (unlabeled
+   inputs, old-class examples, examples of the other new classes) to the class; with none of
+   them it is 3/4 of its examples' similarity, with a warning.
+2. **Optional fine-tuning** of the new weights: cross-entropy on the examples plus
+   distillation of the old model's outputs on the ``unlabeled`` inputs (and on any examples of
+   old classes), whose targets give the new classes probability 0 (as in Learning without
+   Forgetting, Li & Hoiem 2016); the thresholds are then set again by the same rule, so old
+   classes keep their accuracy.
 
 The result is a new :class:`~netmeld.combined.CombinedModel`; the model given is not changed.
 """
@@ -64,8 +64,9 @@ def extend(
     unlabeled: Any = None,
     steps: int = 300,
     lr: float = 1e-2,
-    distill: float = 3.0,
+    distill: float = 1.0,
     scale: float = 10.0,
+    max_false_positives: float = 0.005,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool | None = None,
@@ -83,11 +84,18 @@ def extend(
         steps: fine-tuning steps after imprinting (0: imprinting only).
         lr: Adam learning rate of the fine-tuning.
         distill: weight of the distillation term.
-        scale: the cosine scale ``s`` imprinting starts from.
+        scale: the cosine scale ``s`` of the new classes' scores.
+        max_false_positives: the share of the other inputs (unlabeled inputs, old-class and
+            other new-class examples) the new classes may claim together; each new class's
+            threshold is the matching quantile of their similarity to it. It bounds how much
+            old classes can lose.
         seed: seeds the fine-tuning.
     """
-    if steps < 0 or lr <= 0 or distill < 0 or scale <= 0:
-        raise ValueError("extend: steps and distill must be >= 0, lr and scale > 0")
+    if steps < 0 or lr <= 0 or distill < 0 or scale <= 0 or not 0 < max_false_positives < 1:
+        raise ValueError(
+            "extend: steps and distill must be >= 0, lr and scale > 0, max_false_positives "
+            "in (0, 1)"
+        )
     data = load_data(
         examples if labels is None else (examples, labels),
         model.input_shape,
@@ -97,6 +105,7 @@ def extend(
         feature_names=model.feature_names,
     )
     assert data.labels is not None
+    given: list[str] = data.labels
     old_labels = list(model.labels)
     new_labels = [label for label in dict.fromkeys(data.labels) if label not in old_labels]
     if not new_labels:
@@ -145,29 +154,43 @@ def extend(
             ext.center.copy_(torch.cat([emb, d_emb]).mean(0))
             ext.log_scale.fill_(math.log(scale))
     first_new = 0 if previous is None else len(previous.labels)
-    s = float(ext.log_scale.exp())
-    thresholds = []
     with torch.no_grad():
-        for j, label in enumerate(new_labels):
+        for j, label in enumerate(new_labels):  # imprinting: the normalised mean example
             rows = F.normalize(emb[[lb == label for lb in data.labels]] - ext.center, dim=1)
-            proto = F.normalize(rows.mean(0), dim=0)
-            ext.weight[first_new + j] = proto
-            if len(rows) > 1:  # leave-one-out similarity: what an unseen example would get
-                loo = F.normalize(rows.sum(0, keepdim=True) - rows, dim=1)
-                own = float((rows * loo).sum(1).median())
-            else:
-                own = 1.0
-            # inputs that are not this class: old-class inputs and the other new classes
-            negatives = torch.cat(
-                [d_emb, emb[[lb != label and lb in new_labels for lb in data.labels]]]
-            )
-            if len(negatives):
-                others = F.normalize(negatives - ext.center, dim=1) @ proto
-                tau = (own + float(torch.quantile(others, 0.9))) / 2
-            else:
-                tau = 0.75 * own
-            thresholds.append(tau)
-            ext.bias[first_new + j] = -s * tau
+            ext.weight[first_new + j] = F.normalize(rows.mean(0), dim=0)
+
+    # fine-tuning fits the distillation inputs, so thresholds are then set on inputs it did
+    # not see: half of them (seeded), when there are enough
+    calib_emb, train_emb, train_logits = d_emb, d_emb, d_logits
+    if steps > 0 and len(d_emb) >= 200:
+        order = torch.randperm(len(d_emb), generator=torch.Generator().manual_seed(seed))
+        half = len(d_emb) // 2
+        calib_emb = d_emb[order[:half]]
+        train_emb, train_logits = d_emb[order[half:]], d_logits[order[half:]]
+
+    def set_thresholds() -> list[float]:
+        """Each new class's cosine threshold: the (1 - max_false_positives / new classes)
+        quantile of its similarity to inputs that are not of it (old-class inputs, other new
+        classes), so that together the new classes claim at most that share of them."""
+        s = float(ext.log_scale.exp())
+        taus = []
+        with torch.no_grad():
+            for j, label in enumerate(new_labels):
+                w = F.normalize(ext.weight[first_new + j], dim=0)
+                negatives = torch.cat(
+                    [calib_emb, emb[[lb != label and lb in new_labels for lb in given]]]
+                )
+                if len(negatives):
+                    others = F.normalize(negatives - ext.center, dim=1) @ w
+                    tau = float(torch.quantile(others, 1 - max_false_positives / len(new_labels)))
+                else:  # nothing to compare with: 3/4 of the examples' own similarity
+                    rows = F.normalize(emb[[lb == label for lb in given]] - ext.center, dim=1)
+                    tau = 0.75 * float((rows @ w).median())
+                taus.append(tau)
+                ext.bias[first_new + j] = -s * tau
+        return taus
+
+    thresholds = set_thresholds()
     # the model's old logits on the examples; ext adds columns for the new labels only
     n_prev = 0 if previous is None else len(previous.labels)
     base_cols = len(old_labels) - n_prev
@@ -177,37 +200,30 @@ def extend(
         new_cols = ext.scores(e, base)[:, n_prev:]
         return torch.cat([old, new_cols], dim=1)
 
-    fine_tuned = steps > 0
-    if fine_tuned:
-        train_bias = len(d_emb) > 0
-        params = [ext.weight] + ([ext.bias, ext.log_scale] if train_bias else [])
-        start = [p.detach().clone() for p in params]
-        for p in params:
-            p.requires_grad_(True)
+    if steps > 0:
+        start = ext.weight.detach().clone()
+        ext.weight.requires_grad_(True)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        d_targets = F.pad(d_logits.softmax(dim=1), (0, len(new_labels)))
+        optimizer = torch.optim.Adam([ext.weight], lr=lr)
+        d_targets = F.pad(train_logits.softmax(dim=1), (0, len(new_labels)))
         try:
             for _ in range(steps):
                 loss = F.cross_entropy(logits_with(emb, old_logits), targets)
-                if train_bias and distill > 0:
-                    loss = loss + distill * F.cross_entropy(logits_with(d_emb, d_logits), d_targets)
-                loss = loss + 1e-3 * sum(
-                    (p - q).pow(2).sum() for p, q in zip(params, start, strict=True)
-                )
+                if len(train_emb) and distill > 0:
+                    loss = loss + distill * F.cross_entropy(
+                        logits_with(train_emb, train_logits), d_targets
+                    )
+                loss = loss + 1e-3 * (ext.weight - start).pow(2).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 if previous is not None:  # earlier added classes stay as they were
                     ext.weight.grad[:n_prev] = 0  # type: ignore[index]
-                    if train_bias:
-                        ext.bias.grad[:n_prev] = 0  # type: ignore[index]
-                        ext.log_scale.grad = None
                 optimizer.step()
         finally:
             torch.random.set_rng_state(generator_state)
-            for p in params:
-                p.requires_grad_(False)
+            ext.weight.requires_grad_(False)
+        thresholds = set_thresholds()
     if not torch.isfinite(ext.weight).all():
         raise DataError("extend: the fit diverged (non-finite weights); lower lr")
     extended.set_extension(ext)
