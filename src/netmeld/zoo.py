@@ -65,3 +65,103 @@ class MLP(nn.Module):
 def mlp(in_features: int, num_classes: int, hidden: int = 64, depth: int = 2) -> MLP:
     """Build an :class:`MLP`."""
     return MLP(in_features, num_classes, hidden, depth)
+
+
+class VGG(nn.Module):
+    """A VGG-style CNN without BatchNorm: conv-ReLU stages with max pooling, then a flattened
+    map into two linear layers (``classifier``); the flatten keeps the spatial positions."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (16, 32, 32),
+        image_size: int = 32,
+        hidden: int = 64,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        size = image_size
+        for w in widths:
+            layers += [nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = w
+            size //= 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * size * size, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def vgg(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    widths: tuple[int, ...] | list[int] = (16, 32, 32),
+    image_size: int = 32,
+    hidden: int = 64,
+) -> VGG:
+    """Build a :class:`VGG`."""
+    return VGG(num_classes, in_channels, tuple(widths), image_size, hidden)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; a 1x1 conv + BatchNorm shortcut where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (ResNet-20 at ``depth=20``), ``width`` times as wide
+    (ZipIt!'s ResNet-20x4 is ``width=4``)."""
+
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, width: int = 1, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        w = 16 * width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        stages: list[nn.Module] = []
+        cin = w
+        for i, cout in enumerate((w, 2 * w, 4 * w)):
+            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i and not j) else 1)
+                      for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = out.mean((2, 3))
+        return self.fc(out)
+
+
+def resnet20(
+    num_classes: int = 10, width: int = 1, in_channels: int = 3, depth: int = 20
+) -> CifarResNet:
+    """Build a :class:`CifarResNet`."""
+    return CifarResNet(depth, num_classes, width, in_channels)

@@ -1,0 +1,1 @@
+"""Pure tensor kernels: merging, matching. No modules, files or models here."""

@@ -1,0 +1,568 @@
+"""Weight-space merging kernels: tensors in, one tensor out.
+
+Every kernel takes the same tensor (same name, same shape) from several fine-tuned models and,
+for the task-vector kernels, from their common base. Nothing here knows about modules, files or
+names beyond the optional ``key`` that seeds the random ones, so streaming and in-memory merges
+call exactly the same code.
+
+Kernels are registered in :data:`KERNELS` with the paper they come from; :func:`merge_tensor`
+calls one by name with checked parameters. Arithmetic follows mergekit's order of operations
+(stack, weight, sum, divide) so that results agree bit for bit where the method is the same.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from netmeld.errors import MethodError
+
+Consensus = Literal["sum", "count"]
+
+__all__ = [
+    "KERNELS",
+    "Kernel",
+    "breadcrumbs",
+    "dare",
+    "fisher",
+    "linear",
+    "merge_tensor",
+    "regmean",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]
+
+
+def _stack_weights(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not tensors:
+        raise MethodError("merging needs at least one tensor")
+    shape = tensors[0].shape
+    for i, t in enumerate(tensors):
+        if t.shape != shape:
+            raise MethodError(
+                f"tensor {i} has shape {tuple(t.shape)}, tensor 0 has {tuple(shape)}: "
+                "merged tensors must have the same shape"
+            )
+    if weights is None:
+        weights = [1.0] * len(tensors)
+    if len(weights) != len(tensors):
+        raise MethodError(f"{len(weights)} weights for {len(tensors)} tensors")
+    stacked = torch.stack(list(tensors), dim=0)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    while w.dim() < stacked.dim():
+        w = w.unsqueeze(-1)
+    return stacked, w
+
+
+def linear(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Weighted average of the tensors (model soup; Wortsman et al. 2022).
+
+    With ``normalize`` the weights are divided by their sum, so equal weights give the mean.
+    """
+    stacked, w = _stack_weights(tensors, weights)
+    out = (w * stacked).sum(dim=0)
+    if normalize:
+        out = out / w.sum(dim=0)
+    return out
+
+
+def slerp(
+    a: torch.Tensor, b: torch.Tensor, t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (``t=0``) to ``b`` (``t=1``) along the great circle of
+    their directions (Shoemake 1985); nearly parallel tensors are interpolated linearly."""
+    if a.shape != b.shape:
+        raise MethodError(f"slerp: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    v0 = a.double().flatten()
+    v1 = b.double().flatten()
+    n0 = v0 / v0.norm().clamp_min(eps)
+    n1 = v1 / v1.norm().clamp_min(eps)
+    dot = float((n0 * n1).sum())
+    if abs(dot) > dot_threshold:
+        out = (1 - t) * v0 + t * v1
+    else:
+        theta0 = math.acos(max(-1.0, min(1.0, dot)))
+        sin0 = math.sin(theta0)
+        s0 = math.sin(theta0 - theta0 * t) / sin0
+        s1 = math.sin(theta0 * t) / sin0
+        out = s0 * v0 + s1 * v1
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def _generator(seed: int, key: str, index: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{key}#{index}".encode())) % (2**63))
+    return g
+
+
+def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` share of entries with the largest magnitude (TIES' trim)."""
+    k = int(density * delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    if k > 0:
+        order = torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)
+        mask[order[:k]] = 1
+    return mask.reshape(delta.shape)
+
+
+def _outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` share of largest entries and the smallest ones, keeping
+    ``density`` of them."""
+    n = delta.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = max(0, top + bottom), 0
+    order = torch.argsort(delta.abs().reshape(-1).float(), stable=True)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[bottom : n - top]] = 1
+    return mask.reshape(delta.shape)
+
+
+def _sign_mask(weighted: torch.Tensor, consensus: Consensus) -> torch.Tensor:
+    """TIES' sign election: keep entries whose sign agrees with the elected sign."""
+    sign = weighted.sign()
+    if consensus == "sum":
+        elected = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    elif consensus == "count":
+        elected = (sign.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    else:
+        raise MethodError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    return (sign == elected).to(weighted.dtype)
+
+
+def _task_vectors(
+    kind: str,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None,
+    *,
+    density: float,
+    gamma: float,
+    rescale: bool,
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+    seed: int,
+    key: str,
+) -> torch.Tensor:
+    if not 0 < density <= 1:
+        raise MethodError(f"density must be in (0, 1], got {density}")
+    for i, t in enumerate(tensors):
+        if t.shape != base.shape:
+            raise MethodError(
+                f"tensor {i} has shape {tuple(t.shape)}, the base has {tuple(base.shape)}"
+            )
+    deltas = []
+    for i, t in enumerate(tensors):
+        delta = t - base
+        if density < 1:
+            if kind == "magnitude":
+                delta = delta * _magnitude_mask(delta, density)
+            elif kind == "random":
+                work = delta.float() if delta.dtype != torch.bfloat16 else delta
+                keep = torch.bernoulli(
+                    torch.full(work.shape, density, dtype=work.dtype),
+                    generator=_generator(seed, key, i),
+                ).to(work.device)
+                work = work * keep
+                if rescale:
+                    work = work / density
+                delta = work.to(delta.dtype)
+            elif kind == "outliers":
+                delta = delta * _outlier_mask(delta, density, gamma)
+        deltas.append(delta)
+    stacked, w = _stack_weights(deltas, weights)
+    weighted = stacked * w
+    if consensus is not None:
+        mask = _sign_mask(weighted, consensus)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``base + lambda * sum_i w_i (t_i - base)`` (Ilharco et al. 2023, task arithmetic)."""
+    return _task_vectors(
+        "none",
+        base,
+        tensors,
+        weights,
+        density=1.0,
+        gamma=0.0,
+        rescale=False,
+        consensus=None,
+        normalize=normalize,
+        lambda_=lambda_,
+        seed=0,
+        key="",
+    )
+
+
+def ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float = 0.2,
+    consensus: Consensus | None = "sum",
+    lambda_: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023): trim each task vector to its ``density`` largest
+    entries, elect a sign per entry, and average the entries that agree with it.
+
+    With ``consensus=None`` and ``density=1`` this is task arithmetic."""
+    return _task_vectors(
+        "magnitude",
+        base,
+        tensors,
+        weights,
+        density=density,
+        gamma=0.0,
+        rescale=False,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+        seed=0,
+        key="",
+    )
+
+
+def dare(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float = 0.5,
+    seed: int = 0,
+    key: str = "",
+    rescale: bool = True,
+    consensus: Consensus | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop each task-vector entry with probability ``1 - density`` and
+    rescale the rest by ``1 / density``; with ``consensus='sum'`` this is DARE-TIES.
+
+    The mask is drawn from ``seed`` and ``key`` (the tensor's name), so a merge is reproducible
+    and does not depend on the order tensors are visited in."""
+    return _task_vectors(
+        "random",
+        base,
+        tensors,
+        weights,
+        density=density,
+        gamma=0.0,
+        rescale=rescale,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+        seed=seed,
+        key=key,
+    )
+
+
+def breadcrumbs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float = 0.9,
+    gamma: float = 0.01,
+    consensus: Consensus | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop each task vector's ``gamma`` share of
+    largest-magnitude entries (outliers) and its smallest, keeping ``density`` of them."""
+    if not 0 <= gamma < 1:
+        raise MethodError(f"gamma must be in [0, 1), got {gamma}")
+    return _task_vectors(
+        "outliers",
+        base,
+        tensors,
+        weights,
+        density=density,
+        gamma=gamma,
+        rescale=False,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+        seed=0,
+        key="",
+    )
+
+
+def fisher(
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Fisher merging (Matena & Raffel 2022): ``sum_i w_i F_i t_i / sum_i w_i F_i`` with each
+    model's diagonal Fisher information ``F_i`` (same shape as the tensor)."""
+    if len(fishers) != len(tensors):
+        raise MethodError(f"{len(fishers)} Fisher tensors for {len(tensors)} tensors")
+    stacked, w = _stack_weights(tensors, weights)
+    f, _ = _stack_weights(fishers, weights)
+    if f.shape != stacked.shape:
+        raise MethodError(
+            f"Fisher tensors have shape {tuple(f.shape[1:])}, tensors {tuple(stacked.shape[1:])}"
+        )
+    wf = w * f + eps
+    return (wf * stacked).sum(dim=0) / wf.sum(dim=0)
+
+
+def regmean(
+    tensors: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    *,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """RegMean (Jin et al. 2023) for a linear layer ``y = W x``: the ``W`` minimising
+    ``sum_i ||W X_i - W_i X_i||^2`` is ``(sum_i W_i G_i)(sum_i G_i)^-1`` with ``G_i = X_i^T X_i``.
+
+    ``tensors`` are ``(out, in)`` weights, ``grams`` their ``(in, in)`` input Gram matrices.
+    ``alpha`` scales the Gram matrices' off-diagonal entries (the paper's regularisation;
+    ``alpha=0`` is a per-input-feature weighted average)."""
+    if len(grams) != len(tensors):
+        raise MethodError(f"{len(grams)} Gram matrices for {len(tensors)} tensors")
+    if not 0 <= alpha <= 1:
+        raise MethodError(f"alpha must be in [0, 1], got {alpha}")
+    dtype = tensors[0].dtype
+    num = None
+    den = None
+    for i, (w, g) in enumerate(zip(tensors, grams, strict=True)):
+        w2 = w.double().reshape(w.shape[0], -1)
+        if g.shape != (w2.shape[1], w2.shape[1]):
+            raise MethodError(
+                f"Gram matrix {i} has shape {tuple(g.shape)}, expected {(w2.shape[1],) * 2} "
+                f"for a weight of shape {tuple(w.shape)}"
+            )
+        g = g.double()
+        g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+        num = w2 @ g if num is None else num + w2 @ g
+        den = g if den is None else den + g
+    assert num is not None and den is not None
+    # W = num @ den^-1, solved as den W^T = num^T (den is symmetric); lstsq if it is singular
+    try:
+        out = torch.linalg.solve(den, num.T).T
+    except torch.linalg.LinAlgError:
+        out = torch.linalg.lstsq(den, num.T).solution.T
+    return out.reshape(tensors[0].shape).to(dtype)
+
+
+# -- registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A registered merging kernel: what it needs, its parameters and their defaults."""
+
+    name: str
+    reference: str
+    needs_base: bool
+    needs: Literal["none", "fisher", "gram"]
+    defaults: Mapping[str, Any]
+    fn: Callable[..., torch.Tensor]
+    summary: str
+
+
+def _k(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    reference: str,
+    defaults: Mapping[str, Any],
+    *,
+    needs_base: bool,
+    needs: Literal["none", "fisher", "gram"] = "none",
+) -> Kernel:
+    summary = (fn.__doc__ or "").strip().split("\n")[0]
+    return Kernel(name, reference, needs_base, needs, dict(defaults), fn, summary)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in [
+        _k(
+            "linear",
+            linear,
+            "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+            {"normalize": True},
+            needs_base=False,
+        ),
+        _k("slerp", slerp, "Shoemake 1985; as used by mergekit", {"t": 0.5}, needs_base=False),
+        _k(
+            "task-arithmetic",
+            task_arithmetic,
+            "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+            {"lambda_": 1.0, "normalize": False},
+            needs_base=True,
+        ),
+        _k(
+            "ties",
+            ties,
+            "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+            {"density": 0.2, "consensus": "sum", "lambda_": 1.0, "normalize": True},
+            needs_base=True,
+        ),
+        _k(
+            "dare",
+            dare,
+            "Yu et al. 2024, Language models are Super Mario (arXiv:2311.03099)",
+            {
+                "density": 0.5,
+                "seed": 0,
+                "rescale": True,
+                "consensus": None,
+                "lambda_": 1.0,
+                "normalize": False,
+            },
+            needs_base=True,
+        ),
+        _k(
+            "dare-ties",
+            dare,
+            "Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES sign election)",
+            {
+                "density": 0.5,
+                "seed": 0,
+                "rescale": True,
+                "consensus": "sum",
+                "lambda_": 1.0,
+                "normalize": True,
+            },
+            needs_base=True,
+        ),
+        _k(
+            "breadcrumbs",
+            breadcrumbs,
+            "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)",
+            {"density": 0.9, "gamma": 0.01, "consensus": None, "lambda_": 1.0, "normalize": False},
+            needs_base=True,
+        ),
+        _k(
+            "fisher",
+            fisher,
+            "Matena & Raffel 2022, Merging models with Fisher-weighted "
+            "averaging (arXiv:2111.09832)",
+            {"eps": 1e-8},
+            needs_base=False,
+            needs="fisher",
+        ),
+        _k(
+            "regmean",
+            regmean,
+            "Jin et al. 2023, Dataless knowledge fusion by merging weights "
+            "of language models (arXiv:2212.09849)",
+            {"alpha": 0.9},
+            needs_base=False,
+            needs="gram",
+        ),
+    ]
+}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel registered as ``name``; an unknown name lists the valid ones."""
+    if name not in KERNELS:
+        raise MethodError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(KERNELS))}"
+        )
+    return KERNELS[name]
+
+
+def check_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``params`` completed with the kernel's defaults; an unknown parameter is an error that
+    lists the kernel's parameters."""
+    kernel = get_kernel(name)
+    params = dict(params or {})
+    if "lambda" in params:
+        params["lambda_"] = params.pop("lambda")
+    unknown = sorted(set(params) - set(kernel.defaults))
+    if unknown:
+        valid = ", ".join(p.rstrip("_") for p in kernel.defaults) or "none"
+        raise MethodError(
+            f"merge method {name!r} has no parameter {unknown[0].rstrip('_')!r}; "
+            f"its parameters are: {valid}"
+        )
+    out = {**kernel.defaults, **params}
+    if "density" in out and not 0 < float(out["density"]) <= 1:
+        raise MethodError(f"merge method {name!r}: density must be in (0, 1], got {out['density']}")
+    if "consensus" in out and out["consensus"] not in (None, "sum", "count"):
+        raise MethodError(
+            f"merge method {name!r}: consensus must be 'sum', 'count' or null, "
+            f"got {out['consensus']!r}"
+        )
+    return out
+
+
+def merge_tensor(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    key: str = "",
+    extra: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Merge one tensor with the kernel registered as ``name``.
+
+    ``key`` (the tensor's name) seeds DARE; ``extra`` holds the per-model Fisher diagonals or
+    Gram matrices that ``fisher`` and ``regmean`` need."""
+    kernel = get_kernel(name)
+    p = check_params(name, params)
+    if kernel.needs_base and base is None:
+        raise MethodError(f"merge method {name!r} needs the common base model's tensors")
+    if name == "linear":
+        return linear(tensors, weights, **p)
+    if name == "slerp":
+        if len(tensors) != 2:
+            raise MethodError(f"slerp merges exactly 2 models, got {len(tensors)}")
+        return slerp(tensors[0], tensors[1], float(p["t"]))
+    if kernel.needs != "none":
+        if extra is None:
+            raise MethodError(
+                f"merge method {name!r} needs data: the models' "
+                f"{'Fisher information' if kernel.needs == 'fisher' else 'input Gram matrices'}"
+            )
+        if name == "fisher":
+            return fisher(tensors, extra, weights, **p)
+        return regmean(tensors, extra, **p)
+    assert base is not None
+    if name in ("dare", "dare-ties"):
+        return dare(base, tensors, weights, key=key, **p)
+    return kernel.fn(base, tensors, weights, **p)
