@@ -62,6 +62,23 @@ def _cmd_meld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_weights(args: argparse.Namespace) -> int:
+    from netmeld.merge_weights import merge_checkpoints, read_merge_recipe
+    from netmeld.shards import CheckpointReader
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise NetmeldError(f"{args.output!r} exists; pass --overwrite to replace it")
+    recipe, base = read_merge_recipe(args.recipe)
+    out = merge_checkpoints(recipe, args.output, base_dir=base, overwrite=args.overwrite)
+    written = CheckpointReader(out)
+    _console.print(
+        f"merged {len(recipe.models)} models with {recipe.merge_method!r}: "
+        f"{len(written)} tensors, {written.nbytes / 1e6:,.1f} MB in "
+        f"{len(list(out.glob('*.safetensors')))} shard(s) at [bold]{out}[/bold]"
+    )
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from netmeld.combined import load
     from netmeld.data import load_data
@@ -305,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_cmd_meld)
+
+    p = sub.add_parser(
+        "merge-weights",
+        help="merge checkpoints of one architecture in weight space (mergekit-style recipe)",
+        description="Merge the safetensors checkpoints of RECIPE.yaml (models, base_model, "
+        "merge_method, parameters with per-tensor filters, dtype, out_dtype, shard_size) into "
+        "one checkpoint, tensor by tensor: memory holds a few tensors whatever the size. "
+        "Methods: linear, slerp, task-arithmetic, ties, dare, dare-ties, breadcrumbs. "
+        "Inputs may be sharded (a folder with model.safetensors.index.json).",
+    )
+    p.add_argument("recipe", help="the YAML merge recipe")
+    p.add_argument(
+        "-o", "--output", required=True, help="folder to write the merged (sharded) checkpoint to"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_cmd_merge_weights)
 
     p = sub.add_parser(
         "eval",

@@ -110,7 +110,7 @@ def _generator(seed: int, key: str, index: int) -> torch.Generator:
 
 def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` share of entries with the largest magnitude (TIES' trim)."""
-    k = int(density * delta.numel())
+    k = max(1, int(density * delta.numel()))
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     if k > 0:
         order = torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)
@@ -145,14 +145,23 @@ def _sign_mask(weighted: torch.Tensor, consensus: Consensus) -> torch.Tensor:
     return (sign == elected).to(weighted.dtype)
 
 
+def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise MethodError(f"{len(values)} values of {what} for {n} models")
+    return values
+
+
 def _task_vectors(
     kind: str,
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None,
     *,
-    density: float,
-    gamma: float,
+    density: float | Sequence[float],
+    gamma: float | Sequence[float],
     rescale: bool,
     consensus: Consensus | None,
     normalize: bool,
@@ -160,8 +169,11 @@ def _task_vectors(
     seed: int,
     key: str,
 ) -> torch.Tensor:
-    if not 0 < density <= 1:
-        raise MethodError(f"density must be in (0, 1], got {density}")
+    densities = _per_model(density, len(tensors), "density")
+    gammas = _per_model(gamma, len(tensors), "gamma")
+    for d in densities:
+        if not 0 < d <= 1:
+            raise MethodError(f"density must be in (0, 1], got {d}")
     for i, t in enumerate(tensors):
         if t.shape != base.shape:
             raise MethodError(
@@ -170,6 +182,7 @@ def _task_vectors(
     deltas = []
     for i, t in enumerate(tensors):
         delta = t - base
+        density, gamma = densities[i], gammas[i]
         if density < 1:
             if kind == "magnitude":
                 delta = delta * _magnitude_mask(delta, density)
@@ -234,7 +247,7 @@ def ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     consensus: Consensus | None = "sum",
     lambda_: float = 1.0,
     normalize: bool = True,
@@ -264,7 +277,7 @@ def dare(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float = 0.5,
+    density: float | Sequence[float] = 0.5,
     seed: int = 0,
     key: str = "",
     rescale: bool = True,
@@ -298,16 +311,17 @@ def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float = 0.9,
-    gamma: float = 0.01,
+    density: float | Sequence[float] = 0.9,
+    gamma: float | Sequence[float] = 0.01,
     consensus: Consensus | None = None,
     lambda_: float = 1.0,
     normalize: bool = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): drop each task vector's ``gamma`` share of
     largest-magnitude entries (outliers) and its smallest, keeping ``density`` of them."""
-    if not 0 <= gamma < 1:
-        raise MethodError(f"gamma must be in [0, 1), got {gamma}")
+    for g in _per_model(gamma, len(tensors), "gamma"):
+        if not 0 <= g < 1:
+            raise MethodError(f"gamma must be in [0, 1), got {g}")
     return _task_vectors(
         "outliers",
         base,
@@ -462,7 +476,7 @@ KERNELS: dict[str, Kernel] = {
                 "rescale": True,
                 "consensus": "sum",
                 "lambda_": 1.0,
-                "normalize": True,
+                "normalize": False,
             },
             needs_base=True,
         ),
@@ -519,8 +533,10 @@ def check_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
             f"its parameters are: {valid}"
         )
     out = {**kernel.defaults, **params}
-    if "density" in out and not 0 < float(out["density"]) <= 1:
-        raise MethodError(f"merge method {name!r}: density must be in (0, 1], got {out['density']}")
+    if "density" in out:
+        for d in [out["density"]] if isinstance(out["density"], (int, float)) else out["density"]:
+            if not 0 < float(d) <= 1:
+                raise MethodError(f"merge method {name!r}: density must be in (0, 1], got {d}")
     if "consensus" in out and out["consensus"] not in (None, "sum", "count"):
         raise MethodError(
             f"merge method {name!r}: consensus must be 'sum', 'count' or null, "

@@ -1,0 +1,316 @@
+"""Out-of-core weight merging of checkpoints: ``netmeld merge-weights RECIPE.yaml -o OUT``.
+
+The recipe is close to mergekit's::
+
+    merge_method: ties
+    base_model: ./base              # needed by the task-vector methods
+    models:
+      - model: ./math
+        parameters: {weight: 0.6, density: 0.5}
+      - model: ./code
+        parameters: {weight: 0.4, density: [{filter: "mlp", value: 0.3}, {value: 0.5}]}
+    parameters: {normalize: true}
+    dtype: float32                  # the dtype the kernels compute in
+    out_dtype: bfloat16             # default: dtype
+    shard_size: 2GB
+
+A parameter is a number, or a list of ``{filter, value}`` entries: the first entry whose
+``filter`` is a substring of the tensor's name applies, and an entry without a filter is the
+default. Per-model parameters are ``weight`` and the kernel's per-model ones (``density``,
+``gamma``); the others are global. Tensors are read, merged and written one at a time, so
+memory holds a few tensors whatever the model's size; the same kernel code runs in
+:func:`merge_state_dicts` for models already in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from netmeld._progress import track
+from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
+from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
+from netmeld.shards import CheckpointReader, ShardedWriter, parse_size
+
+PER_MODEL = ("weight", "density", "gamma")
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class FilterValue(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: float | int | bool | str | None
+
+
+ParamValue = float | int | bool | str | None | list[FilterValue]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _per_model_only(cls, value: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        bad = [k for k in value if k not in PER_MODEL]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not a per-model parameter (per-model: {', '.join(PER_MODEL)}); "
+                "put global ones under the recipe's parameters"
+            )
+        return value
+
+
+class MergeRecipe(BaseModel):
+    """A validated ``merge-weights`` recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    shard_size: str | int = "5GB"
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        value = value.replace("_", "-")
+        if value not in KERNELS:
+            raise ValueError(
+                f"unknown merge method {value!r}; valid methods: {', '.join(sorted(KERNELS))}"
+            )
+        kernel = KERNELS[value]
+        if kernel.needs != "none":
+            raise ValueError(
+                f"merge method {value!r} needs data ({kernel.needs}); use netmeld.merge_members "
+                "from Python with data="
+            )
+        return value
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in _DTYPES:
+            raise ValueError(f"dtype {value!r}: expected one of {', '.join(_DTYPES)}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, value: list[ModelEntry]) -> list[ModelEntry]:
+        if not value:
+            raise ValueError("list at least one model")
+        return value
+
+
+def read_merge_recipe(path: str | Path) -> tuple[MergeRecipe, Path]:
+    """Read and validate a recipe; paths in it are relative to its folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    try:
+        recipe = MergeRecipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+    _check_recipe_params(recipe, str(path))
+    return recipe, path.parent
+
+
+def _check_recipe_params(recipe: MergeRecipe, where: str) -> None:
+    kernel = get_kernel(recipe.merge_method)
+    if kernel.needs_base and recipe.base_model is None:
+        raise RecipeError(f"recipe {where!r}: merge method {kernel.name!r} needs base_model")
+    probe = {k: _resolve(v, "") for k, v in recipe.parameters.items()}
+    for entry in recipe.models:
+        for k, v in entry.parameters.items():
+            if k != "weight":
+                probe[k] = _resolve(v, "")
+    try:
+        check_params(kernel.name, {k: v for k, v in probe.items() if v is not None})
+    except MethodError as exc:
+        raise RecipeError(f"recipe {where!r}: {exc}") from exc
+
+
+def _resolve(value: ParamValue, name: str) -> Any:
+    if not isinstance(value, list):
+        return value
+    default = None
+    for entry in value:
+        if entry.filter is None:
+            if default is None:
+                default = entry
+        elif entry.filter in name:
+            return entry.value
+    return None if default is None else default.value
+
+
+def _params_for(recipe: MergeRecipe, name: str) -> tuple[list[float], dict[str, Any]]:
+    weights = []
+    per_model: dict[str, list[Any]] = {}
+    for entry in recipe.models:
+        w = _resolve(entry.parameters.get("weight", 1.0), name)
+        weights.append(1.0 if w is None else float(w))
+        for key in PER_MODEL[1:]:
+            if key in entry.parameters:
+                per_model.setdefault(key, []).append(_resolve(entry.parameters[key], name))
+    params = {k: _resolve(v, name) for k, v in recipe.parameters.items()}
+    for key, values in per_model.items():
+        if len(values) != len(recipe.models):
+            raise RecipeError(f"parameter {key!r} is set for some models but not all")
+        params[key] = values if len(set(values)) > 1 else values[0]
+    params = {k: v for k, v in params.items() if v is not None}
+    return weights, params
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def check_compatible(readers: Sequence[tuple[str, CheckpointReader]]) -> list[str]:
+    """The tensor names every checkpoint has, in the first's order; a missing tensor or a
+    different shape is an error naming the tensor, both checkpoints and both shapes."""
+    (first_name, first), *rest = readers
+    for name, reader in rest:
+        for key, info in first.tensors.items():
+            other = reader.tensors.get(key)
+            if other is None:
+                raise IncompatibleMembersError(
+                    f"tensor {key!r} is in {first_name!r} but not in {name!r}"
+                )
+            if other.shape != info.shape:
+                raise IncompatibleMembersError(
+                    f"tensor {key!r} has shape {info.shape} in {first_name!r} and "
+                    f"{other.shape} in {name!r}"
+                )
+        extra = [k for k in reader.tensors if k not in first.tensors]
+        if extra:
+            raise IncompatibleMembersError(
+                f"tensor {extra[0]!r} is in {name!r} but not in {first_name!r}"
+            )
+    return list(first.tensors)
+
+
+def merge_checkpoints(
+    recipe: MergeRecipe | str | Path,
+    out: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Merge the recipe's checkpoints into ``out`` tensor by tensor (see the module doc)."""
+    if not isinstance(recipe, MergeRecipe):
+        recipe, base_dir = read_merge_recipe(recipe)
+    root = Path(base_dir or ".")
+
+    def where(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else root / q
+
+    models = [(e.model, CheckpointReader(where(e.model))) for e in recipe.models]
+    base = (
+        None
+        if recipe.base_model is None
+        else (recipe.base_model, CheckpointReader(where(recipe.base_model)))
+    )
+    names = check_compatible(([base] if base else []) + models)
+    kernel = get_kernel(recipe.merge_method)
+    dtype = None if recipe.dtype is None else _DTYPES[recipe.dtype]
+    out_dtype = _DTYPES[recipe.out_dtype] if recipe.out_dtype else dtype
+    first = (base or models[0])[1]
+    layout = []
+    for name in names:
+        info = first.tensors[name]
+        target = info.dtype
+        if out_dtype is not None and info.dtype.is_floating_point:
+            target = out_dtype
+        layout.append((name, target, info.shape))
+    writer = ShardedWriter(
+        out,
+        layout,
+        shard_size=parse_size(recipe.shard_size),
+        overwrite=overwrite,
+        metadata={"netmeld_merge_method": kernel.name},
+    )
+    with writer:
+        for name in track(writer.order, f"merging ({kernel.name})", enabled=progress):
+            tensors = [_cast(r.get(name), dtype) for _, r in models]
+            base_t = None if base is None else _cast(base[1].get(name), dtype)
+            target = writer.dtype_of(name)
+            if not tensors[0].is_floating_point():
+                merged = base_t if base_t is not None else tensors[0]
+            else:
+                weights, params = _params_for(recipe, name)
+                merged = merge_tensor(
+                    kernel.name, tensors, base=base_t, weights=weights, params=params, key=name
+                )
+            writer.write(name, merged.to(target))
+            del tensors, base_t, merged
+    return Path(out)
+
+
+def merge_state_dicts(
+    method: str,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    base: Mapping[str, torch.Tensor] | None = None,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge state dicts in memory with the same kernels; ``names`` limits which tensors are
+    merged (the others are the base's, or the first model's). ``extra`` maps a tensor name to
+    the per-model Fisher diagonals or Gram matrices that ``fisher``/``regmean`` need."""
+    sources = [("the base model", base)] if base is not None else []
+    sources += [(f"model {i}", m) for i, m in enumerate(models)]
+    for (name_a, a), (name_b, b) in itertools.pairwise(sources):
+        assert a is not None and b is not None
+        for key, t in a.items():
+            if key not in b:
+                raise IncompatibleMembersError(f"tensor {key!r} is in {name_a} but not in {name_b}")
+            if b[key].shape != t.shape:
+                raise IncompatibleMembersError(
+                    f"tensor {key!r} has shape {tuple(t.shape)} in {name_a} and "
+                    f"{tuple(b[key].shape)} in {name_b}"
+                )
+    chosen = set(names) if names is not None else None
+    out = {}
+    reference = base if base is not None else models[0]
+    for key, ref in reference.items():
+        if (chosen is not None and key not in chosen) or not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        kernel = get_kernel(method)
+        out[key] = merge_tensor(
+            kernel.name,
+            [m[key] for m in models],
+            base=None if base is None else base[key],
+            weights=weights,
+            params=params,
+            key=key,
+            extra=None if extra is None else extra.get(key),
+        )
+    return out
