@@ -119,7 +119,7 @@ def test_streaming_merge_equals_in_memory_merge(checkpoints, method):
 
 
 def test_per_tensor_filters_and_dtype(checkpoints):
-    tmp_path, base, a, b = checkpoints
+    tmp_path, _, a, b = checkpoints
     recipe = _recipe(
         tmp_path,
         merge_method="linear",
