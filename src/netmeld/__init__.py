@@ -24,6 +24,7 @@ from netmeld.extend import extend
 from netmeld.meld import extract, meld
 from netmeld.members import Architecture, Member, Preprocessing
 from netmeld.methods import get_method, list_methods, register_method
+from netmeld.methods.weights import merge_members, zip_members
 
 __all__ = [
     "Architecture",
@@ -51,5 +52,7 @@ __all__ = [
     "load",
     "load_data",
     "meld",
+    "merge_members",
     "register_method",
+    "zip_members",
 ]
