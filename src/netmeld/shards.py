@@ -276,7 +276,7 @@ class ShardedWriter:
             self._open_shard(shard)
         data = tensor.detach().cpu().contiguous()
         if data.numel():
-            self._file.write(data.view(torch.uint8).numpy().data)
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -72,11 +72,16 @@ def linear(
 
     With ``normalize`` the weights are divided by their sum, so equal weights give the mean.
     """
-    stacked, w = _stack_weights(tensors, weights)
-    out = (w * stacked).sum(dim=0)
+    _stack_weights(tensors, weights)  # checks shapes and counts
+    weights = [1.0] * len(tensors) if weights is None else list(weights)
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    out = torch.zeros_like(first, dtype=dtype)
+    for t, w in zip(tensors, weights, strict=True):
+        out.addcmul_(t, torch.tensor(w, dtype=dtype))  # fused like mergekit, bit for bit
     if normalize:
-        out = out / w.sum(dim=0)
-    return out
+        out.div_(torch.tensor(weights, dtype=dtype).sum())
+    return out.to(first.dtype)
 
 
 def slerp(
@@ -109,12 +114,18 @@ def _generator(seed: int, key: str, index: int) -> torch.Generator:
 
 
 def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` share of entries with the largest magnitude (TIES' trim)."""
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    if k > 0:
-        order = torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)
-        mask[order[:k]] = 1
+    """Keep the ``density`` share of entries with the largest magnitude (TIES' trim; at least
+    one entry). A k-th-value threshold finds them in linear time; a full sort settles ties."""
+    n = delta.numel()
+    k = max(1, int(density * n))
+    mag = delta.abs().reshape(-1).float()
+    if k < n:
+        threshold = torch.kthvalue(mag, n - k + 1).values
+        keep = mag >= threshold
+        if int(keep.sum()) == k:
+            return keep.to(delta.dtype).reshape(delta.shape)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[torch.argsort(mag, descending=True)[:k]] = 1
     return mask.reshape(delta.shape)
 
 
@@ -127,7 +138,7 @@ def _outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     bottom = n - keep - top
     if bottom < 0:
         top, bottom = max(0, top + bottom), 0
-    order = torch.argsort(delta.abs().reshape(-1).float(), stable=True)
+    order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : n - top]] = 1
     return mask.reshape(delta.shape)
