@@ -51,7 +51,8 @@ MAKE_LLAMA = textwrap.dedent(
     out, hidden, layers, vocab, shard = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                      num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 64),
                       vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=256)
     base = LlamaForCausalLM(cfg)
     base.save_pretrained(f"{out}/base", max_shard_size=shard, safe_serialization=True)
@@ -70,7 +71,8 @@ REBASIN = textwrap.dedent(
     import sys, time, json, torch
     from safetensors.torch import load_file, save_file
     from rebasin import PermutationCoordinateDescent
-    a_path, b_path, out_path, widths = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    a_path, b_path, out_path = sys.argv[1:4]
+    widths = json.loads(sys.argv[4])
     torch.set_num_threads(2)
     def mlp():
         layers, w = [], widths[0]
@@ -325,7 +327,7 @@ def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int) -
         results["netmeld"].append(
             run_rss(netmeld_cmd(recipe, big / "nm-out"), {"NETMELD_PROGRESS": "0"})[:2]
         )
-    diff, n, odd = compare(tensors_of(big / "mk-out"), tensors_of(big / "nm-out"))
+    diff, n, _ = compare(tensors_of(big / "mk-out"), tensors_of(big / "nm-out"))
     return {
         "input_gb": size / 1e9,
         "max_abs_diff": diff,
@@ -474,11 +476,11 @@ def main() -> None:
             if "changed_share" in r:
                 note = (
                     f"entries changed {r['changed_share'][0]:.3f} vs {r['changed_share'][1]:.3f}; "
-                    f"mean abs delta {r['delta_l1'][0]:.2e} vs {r['delta_l1'][1]:.2e} (other random draws)"
+                    f"mean abs delta {r['delta_l1'][0]:.2e} vs {r['delta_l1'][1]:.2e} "
+                    "(other random draws)"
                 )
-            print(
-                f"| {r['tool']} | {r['method']} | {r['tensors']} | {r['max_abs_diff']:.2e} | {note} |"
-            )
+            diff = r["max_abs_diff"]
+            print(f"| {r['tool']} | {r['method']} | {r['tensors']} | {diff:.2e} | {note} |")
     if "cost" in args.parts:
         c = part_cost(peers, work / "cost", args.repeats, args.hidden, args.layers)
         results["cost"] = c
