@@ -290,7 +290,7 @@ def part_equal(peers: Path, work: Path) -> list[dict]:
 def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int) -> dict:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     big = work / "big"
-    big.mkdir(exist_ok=True)
+    big.mkdir(parents=True, exist_ok=True)
     if not (big / "b").exists():
         subprocess.run(
             [str(peers), "-c", MAKE_LLAMA, str(big), str(hidden), str(layers), "32000", "500MB"],
@@ -361,8 +361,8 @@ def part_rebasin(
     from netmeld.permutation import align, interpolate, repair
     from netmeld.scenarios import train_classifier
 
-    xtr, ytr = load_idx(dataset, "train", root)
-    xte, yte = load_idx(dataset, "test", root)
+    xtr, ytr = load_idx(dataset, "train", root)  # type: ignore[arg-type]
+    xte, yte = load_idx(dataset, "test", root)  # type: ignore[arg-type]
     to_x = lambda a: torch.tensor(a.reshape(len(a), -1), dtype=torch.float32) / 255.0  # noqa: E731
     xtr_t, xte_t = to_x(xtr), to_x(xte)
     ytr_t, yte_t = torch.tensor(ytr, dtype=torch.long), torch.tensor(yte, dtype=torch.long)
@@ -455,7 +455,12 @@ def main() -> None:
     )
     parser.add_argument("--hidden", type=int, default=768, help="LLaMA width for the cost part")
     parser.add_argument("--layers", type=int, default=14, help="LLaMA depth for the cost part")
-    parser.add_argument("--datasets", nargs="+", default=["fashion", "mnist"])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["fashion-mnist", "mnist"],
+        choices=["fashion-mnist", "mnist"],
+    )
     parser.add_argument("--epochs", type=int, default=5, help="MLP training epochs")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", default=None, help="also write the results here")

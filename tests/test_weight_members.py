@@ -163,3 +163,42 @@ def test_errors(digits, finetuned, independent):
         r"member 'wide'",
     ):
         netmeld.merge_members([a, wide], "linear")
+
+
+def test_recipe_merges_bodies_like_the_python_api(digits, finetuned, tmp_path):
+    import yaml
+    from safetensors.torch import save_file
+
+    from netmeld.errors import RecipeError
+    from netmeld.recipe import read_recipe, run_recipe
+
+    base, a, b = finetuned
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    members = []
+    for m, classes in ((a, A), (b, B)):
+        save_file(m.module.state_dict(), str(tmp_path / f"{m.name}.safetensors"))
+        members.append({
+            "name": m.name, "checkpoint": f"{m.name}.safetensors",
+            "architecture": "netmeld.zoo:mlp",
+            "architecture_kwargs": {"in_features": 64, "num_classes": 5, "hidden": 64},
+            "labels": [NAMES[c] for c in classes], "preprocessing": {"input_shape": [64]},
+        })
+    recipe = {"members": members, "method": "concat",
+              "merge": {"method": "ties", "base": "base.safetensors", "params": {"density": 0.5},
+                        "align": "none"}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    from_recipe = run_recipe(path)
+    by_api = netmeld.merge_members([a, b], "ties", base=base, params={"density": 0.5},
+                                   align="none")
+    x = digits.test[0]
+    torch.testing.assert_close(from_recipe(x), by_api(x))
+    assert from_recipe.method["merge"]["method"] == "ties"
+    recipe["merge"] = {"method": "soup"}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"unknown merge method 'soup'; valid methods: .*, or zipit"):
+        read_recipe(path)
+    recipe["merge"] = {"method": "zipit"}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"needs data"):
+        read_recipe(path)

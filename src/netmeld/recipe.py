@@ -26,7 +26,7 @@ needs data), before any checkpoint is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -59,6 +59,39 @@ class MemberSpec(BaseModel):
     head: str | None = None
 
 
+class MergeSpec(BaseModel):
+    """Merge the members' bodies in weight space before the union method combines their heads
+    (:func:`netmeld.merge_members`; ``method: zipit`` is :func:`netmeld.zip_members`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    base: str | None = None  # checkpoint of the common base (task-vector kernels)
+    weights: list[float] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    align: Literal["auto", "weight", "activation", "none"] = "auto"
+    layers: int | None = None  # zipit: zip the first n weighted layers only
+    alpha: float = 0.5  # zipit: share of within-model pairs
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        from netmeld.ops.merge import check_params, get_kernel
+
+        if self.method == "zipit":
+            if self.params or self.base or self.weights:
+                raise ValueError("merge method 'zipit' takes layers and alpha, not params, base "
+                                 "or weights")
+            return self
+        try:
+            kernel = get_kernel(self.method)
+        except MethodError as exc:
+            raise ValueError(f"{exc}, or zipit") from exc
+        check_params(self.method, self.params)
+        if kernel.needs_base and self.base is None:
+            raise ValueError(f"merge method {self.method!r} needs base: a checkpoint")
+        return self
+
+
 class Recipe(BaseModel):
     """A whole ``netmeld meld`` recipe."""
 
@@ -71,11 +104,21 @@ class Recipe(BaseModel):
     input_shape: tuple[int, ...] | None = None
     feature_names: list[str] | None = None
     seed: int = 0
+    merge: MergeSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         info = get_method(self.method)
         info.validate_params(self.params)
+        if self.merge is not None and self.data is None:
+            needs = self.merge.method in ("zipit", "fisher", "regmean") or (
+                self.merge.align == "activation"
+            )
+            if needs:
+                raise MethodError(
+                    f"merge {self.merge.method!r} (align {self.merge.align!r}) needs data: add "
+                    "'data: FOLDER' to the recipe"
+                )
         if info.data != "none" and self.data is None:
             raise MethodError(
                 f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
@@ -144,6 +187,28 @@ def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
     recipe, base = read_recipe(path)
     members = recipe_members(recipe, base)
     data = None if recipe.data is None else _resolve(base, recipe.data)
+    if recipe.merge is not None:
+        from netmeld.methods.weights import merge_members, zip_members
+
+        spec = recipe.merge
+        if spec.method == "zipit":
+            return zip_members(
+                members, data, layers=spec.layers, alpha=spec.alpha, union=recipe.method,
+                union_params=recipe.params, seed=recipe.seed, progress=progress,
+            )
+        return merge_members(
+            members,
+            spec.method,
+            base=None if spec.base is None else _resolve(base, spec.base),
+            weights=spec.weights,
+            params=spec.params,
+            data=data,
+            align=spec.align,
+            union=recipe.method,
+            union_params=recipe.params,
+            seed=recipe.seed,
+            progress=progress,
+        )
     return meld(
         members,
         recipe.method,
