@@ -287,7 +287,7 @@ def part_equal(peers: Path, work: Path) -> list[dict]:
     return rows
 
 
-def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int) -> dict:
+def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int, method: str) -> dict:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     big = work / "big"
     big.mkdir(parents=True, exist_ok=True)
@@ -299,12 +299,16 @@ def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int) -
         )
     inputs = [big / "base", big / "a", big / "b"]
     size = sum(CheckpointReader(p).nbytes for p in inputs)
+    sparse = method != "linear"
     recipe = write_recipe(
-        big / "ties.yaml",
-        "ties",
+        big / f"{method}.yaml",
+        method,
         [str(big / "a"), str(big / "b")],
-        str(big / "base"),
-        [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.5}],
+        str(big / "base") if sparse else None,
+        [
+            {"weight": 0.6, **({"density": 0.5} if sparse else {})},
+            {"weight": 0.4, **({"density": 0.5} if sparse else {})},
+        ],
         {},
     )
     results: dict[str, list[tuple[float, float]]] = {"read": [], "mergekit": [], "netmeld": []}
@@ -453,6 +457,7 @@ def main() -> None:
         default=["equal", "cost", "rebasin"],
         choices=["equal", "cost", "rebasin"],
     )
+    parser.add_argument("--cost-methods", nargs="+", default=["ties", "linear"])
     parser.add_argument("--hidden", type=int, default=768, help="LLaMA width for the cost part")
     parser.add_argument("--layers", type=int, default=14, help="LLaMA depth for the cost part")
     parser.add_argument(
@@ -486,13 +491,13 @@ def main() -> None:
                 )
             diff = r["max_abs_diff"]
             print(f"| {r['tool']} | {r['method']} | {r['tensors']} | {diff:.2e} | {note} |")
-    if "cost" in args.parts:
-        c = part_cost(peers, work / "cost", args.repeats, args.hidden, args.layers)
-        results["cost"] = c
+    for method in args.cost_methods if "cost" in args.parts else []:
+        c = part_cost(peers, work / "cost", args.repeats, args.hidden, args.layers, method)
+        results[f"cost-{method}"] = c
         read = c["read"]["seconds"]
         mk = c["mergekit"]["seconds"]
         print(
-            f"\nTIES merge of {c['input_gb']:.2f} GB of inputs (3 checkpoints), median of "
+            f"\n{method} merge of {c['input_gb']:.2f} GB of inputs (3 checkpoints), median of "
             f"{args.repeats}, warm page cache; max abs diff netmeld vs mergekit "
             f"{c['max_abs_diff']:.2e} over {c['tensors']} tensors"
         )

@@ -57,10 +57,12 @@ def weight_matching(
     *,
     max_iter: int = 100,
     seed: int = 0,
+    tol: float = 1e-7,
 ) -> dict[str, torch.Tensor]:
     """Permutations of B's units that maximise ``sum <W_a, P W_b>`` over every tensor
     (Ainsworth et al. 2023, Git Re-Basin, weight matching): coordinate ascent over the groups
-    in a seeded random order, each step a linear assignment problem, until no group improves."""
+    in a seeded random order, each step a linear assignment problem, until no group improves
+    the total by more than ``tol`` (relative)."""
     perms = {g: torch.arange(n) for g, n in sizes.items()}
     where: dict[str, list[tuple[str, int, int]]] = {g: [] for g in sizes}
     for key, desc in axes.items():
@@ -69,24 +71,40 @@ def weight_matching(
                 where[d[0]].append((key, axis, d[1]))
     rng = np.random.default_rng(seed)
     order = list(sizes)
+    rows_a = {
+        (key, axis): _as_rows(params_a[key].float(), axis, repeat, sizes[g])
+        for g, entries in where.items()
+        for key, axis, repeat in entries
+    }
+    # a group's cost matrix changes only when a group sharing a tensor with it changes: solve
+    # only those ("dirty") groups again; the result is the same, with fewer assignments
+    neighbours: dict[str, set[str]] = {g: set() for g in sizes}
+    for desc in axes.values():
+        groups = {d[0] for d in desc if d is not None}
+        for g in groups:
+            neighbours[g] |= groups - {g}
+    dirty = set(order)
     for _ in range(max_iter):
         improved = False
         for gi in rng.permutation(len(order)):
             g = order[gi]
+            if g not in dirty:
+                continue
+            dirty.discard(g)
             n = sizes[g]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = torch.zeros(n, n)
             for key, axis, repeat in where[g]:
-                wa = params_a[key].double()
-                wb = permute_tensor(params_b[key].double(), axes[key], perms, skip_axis=axis)
-                cost += _as_rows(wa, axis, repeat, n) @ _as_rows(wb, axis, repeat, n).T
-            c = cost.numpy()
+                wb = permute_tensor(params_b[key].float(), axes[key], perms, skip_axis=axis)
+                cost += rows_a[key, axis] @ _as_rows(wb, axis, repeat, n).T
+            c = cost.double().numpy()
             _, cols = linear_sum_assignment(c, maximize=True)
             old = c[np.arange(n), perms[g].numpy()].sum()
             new = c[np.arange(n), cols].sum()
-            if new > old + 1e-12 * max(1.0, abs(old)):
+            if new > old + tol * max(1.0, abs(old)):
                 improved = True
                 perms[g] = torch.as_tensor(cols, dtype=torch.long)
-        if not improved:
+                dirty |= neighbours[g]
+        if not improved or not dirty:
             break
     return perms
 

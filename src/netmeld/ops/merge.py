@@ -114,8 +114,9 @@ def _generator(seed: int, key: str, index: int) -> torch.Generator:
 
 
 def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` share of entries with the largest magnitude (TIES' trim; at least
-    one entry). A k-th-value threshold finds them in linear time; a full sort settles ties."""
+    """A boolean mask of the ``density`` share of entries with the largest magnitude (TIES'
+    trim; at least one entry). A k-th-value threshold finds them in linear time; a full sort
+    settles ties."""
     n = delta.numel()
     k = max(1, int(density * n))
     mag = delta.abs().reshape(-1).float()
@@ -123,15 +124,16 @@ def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         threshold = torch.kthvalue(mag, n - k + 1).values
         keep = mag >= threshold
         if int(keep.sum()) == k:
-            return keep.to(delta.dtype).reshape(delta.shape)
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(mag, descending=True)[:k]] = 1
+            return keep.reshape(delta.shape)
+        del keep
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[torch.argsort(mag, descending=True)[:k]] = True
     return mask.reshape(delta.shape)
 
 
 def _outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the ``gamma`` share of largest entries and the smallest ones, keeping
-    ``density`` of them."""
+    ``density`` of them (a boolean mask)."""
     n = delta.numel()
     keep = int(density * n)
     top = int(gamma * n)
@@ -139,21 +141,28 @@ def _outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     if bottom < 0:
         top, bottom = max(0, top + bottom), 0
     order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom : n - top]] = 1
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[bottom : n - top]] = True
     return mask.reshape(delta.shape)
 
 
 def _sign_mask(weighted: torch.Tensor, consensus: Consensus) -> torch.Tensor:
-    """TIES' sign election: keep entries whose sign agrees with the elected sign."""
-    sign = weighted.sign()
+    """TIES' sign election: a boolean mask of the entries whose sign agrees with the elected
+    sign (computed one model at a time, to keep memory low)."""
     if consensus == "sum":
-        elected = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+        votes = weighted.sum(dim=0)
     elif consensus == "count":
-        elected = (sign.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+        votes = torch.zeros(weighted.shape[1:], dtype=weighted.dtype, device=weighted.device)
+        for row in weighted:
+            votes.add_(row.sign())
     else:
         raise MethodError(f"consensus must be 'sum' or 'count', got {consensus!r}")
-    return (sign == elected).to(weighted.dtype)
+    elected = (votes >= 0).to(weighted.dtype) * 2 - 1
+    del votes
+    mask = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
+    for i, row in enumerate(weighted):
+        torch.eq(row.sign(), elected, out=mask[i])
+    return mask
 
 
 def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]:
@@ -190,13 +199,15 @@ def _task_vectors(
             raise MethodError(
                 f"tensor {i} has shape {tuple(t.shape)}, the base has {tuple(base.shape)}"
             )
-    deltas = []
+    # one (n, *shape) buffer, updated in place: memory stays a few times the tensor's size
+    stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
-        delta = t - base
+        delta = stacked[i]
+        torch.sub(t, base, out=delta)
         density, gamma = densities[i], gammas[i]
         if density < 1:
             if kind == "magnitude":
-                delta = delta * _magnitude_mask(delta, density)
+                delta.mul_(_magnitude_mask(delta, density))
             elif kind == "random":
                 work = delta.float() if delta.dtype != torch.bfloat16 else delta
                 keep = torch.bernoulli(
@@ -204,23 +215,29 @@ def _task_vectors(
                     generator=_generator(seed, key, i),
                 ).to(work.device)
                 work = work * keep
+                del keep
                 if rescale:
                     work = work / density
-                delta = work.to(delta.dtype)
+                delta.copy_(work)
+                del work
             elif kind == "outliers":
-                delta = delta * _outlier_mask(delta, density, gamma)
-        deltas.append(delta)
-    stacked, w = _stack_weights(deltas, weights)
-    weighted = stacked * w
+                delta.mul_(_outlier_mask(delta, density, gamma))
+    _, w = _stack_weights([base] * len(tensors), weights)
+    weighted = stacked.mul_(w)
     if consensus is not None:
-        mask = _sign_mask(weighted, consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        keep_sign = _sign_mask(weighted, consensus)
+        divisor = torch.zeros(base.shape, dtype=base.dtype, device=base.device)
+        for i in range(len(tensors)):
+            divisor.add_(keep_sign[i].to(base.dtype) * w[i])
+        weighted.mul_(keep_sign)
+        del keep_sign
+        mixed = weighted.sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
+    del stacked, weighted
     if normalize:
         mixed = mixed / divisor
     if lambda_ != 1:
