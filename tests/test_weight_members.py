@@ -196,7 +196,7 @@ def test_recipe_merges_bodies_like_the_python_api(digits, finetuned, tmp_path):
     assert from_recipe.method["merge"]["method"] == "ties"
     recipe["merge"] = {"method": "soup"}
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(RecipeError, match=r"unknown merge method 'soup'; valid methods: .*, or zipit"):
+    with pytest.raises(RecipeError, match=r"unknown merge method 'soup'; valid .*, or zipit"):
         read_recipe(path)
     recipe["merge"] = {"method": "zipit"}
     path.write_text(yaml.safe_dump(recipe))
