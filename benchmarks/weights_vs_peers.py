@@ -107,21 +107,40 @@ READ_ONCE = textwrap.dedent(
 )
 
 
+def _hwm_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (``VmHWM``), in MB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run ``cmd`` in a fresh process: wall seconds, its peak RSS in MB (``wait4``), stdout."""
+    """Run ``cmd`` in a fresh process: wall seconds, its peak RSS in MB, stdout.
+
+    The peak is the child's own ``VmHWM``, read every 10 ms until it exits (``ru_maxrss``
+    would include this process's memory, which the child had before ``exec``)."""
     start = time.perf_counter()
+    peak = 0.0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+        while proc.poll() is None:
+            hwm = _hwm_mb(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+            time.sleep(0.01)
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
+        if proc.returncode != 0:
             raise RuntimeError(
-                f"{' '.join(cmd[:3])} failed ({code}):\n{err.read().decode()[-3000:]}"
+                f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}"
             )
-        return seconds, usage.ru_maxrss / 1024, out.read().decode()
+        return seconds, peak, out.read().decode()
 
 
 def tensors_of(path: Path) -> dict[str, torch.Tensor]:

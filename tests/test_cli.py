@@ -117,10 +117,14 @@ def test_methods_lists_every_registered_method(capsys):
     out = capsys.readouterr().out
     for name in netmeld.list_methods():
         assert name in out
+    from netmeld.ops.merge import KERNELS
+
+    for name in KERNELS:
+        assert name in out
 
 
 def test_help_explains_every_option(capsys):
-    for command in ("meld", "eval", "predict", "inspect", "demo"):
+    for command in ("meld", "eval", "predict", "inspect", "demo", "merge-weights"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out

@@ -44,6 +44,21 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={v.default}" for k, v in info.params.model_fields.items()) or "-"
         table.add_row(info.name, info.data, info.summary, params)
     _console.print(table)
+    from netmeld.ops.merge import KERNELS
+
+    kernels = Table(
+        title="weight-merging kernels (merge_members, merge-weights, recipe 'merge:')",
+        title_justify="left",
+    )
+    kernels.add_column("kernel")
+    kernels.add_column("needs")
+    kernels.add_column("reference")
+    kernels.add_column("parameters")
+    for k in KERNELS.values():
+        needs = "base" if k.needs_base else "inputs" if k.needs != "none" else "-"
+        params = ", ".join(f"{p.rstrip('_')}={v}" for p, v in k.defaults.items()) or "-"
+        kernels.add_row(k.name, needs, k.reference, params)
+    _console.print(kernels)
     return 0
 
 
