@@ -317,8 +317,9 @@ def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int, m
             env={**os.environ, **env},
         )
     inputs = [big / "base", big / "a", big / "b"]
-    size = sum(CheckpointReader(p).nbytes for p in inputs)
     sparse = method != "linear"
+    used = inputs if sparse else inputs[1:]  # linear reads a and b only
+    size = sum(CheckpointReader(p).nbytes for p in used)
     recipe = write_recipe(
         big / f"{method}.yaml",
         method,
@@ -331,7 +332,7 @@ def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int, m
         {},
     )
     results: dict[str, list[tuple[float, float]]] = {"read": [], "mergekit": [], "netmeld": []}
-    read_cmd = [sys.executable, "-c", READ_ONCE, *map(str, inputs)]
+    read_cmd = [sys.executable, "-c", READ_ONCE, *map(str, used)]
     run_rss(read_cmd)  # warm the page cache
     for _ in range(repeats):
         results["read"].append(run_rss(read_cmd)[:2])
@@ -353,6 +354,7 @@ def part_cost(peers: Path, work: Path, repeats: int, hidden: int, layers: int, m
     diff, n, _ = compare(tensors_of(big / "mk-out"), tensors_of(big / "nm-out"))
     return {
         "input_gb": size / 1e9,
+        "checkpoints": len(used),
         "max_abs_diff": diff,
         "tensors": n,
         **{
@@ -516,14 +518,14 @@ def main() -> None:
         read = c["read"]["seconds"]
         mk = c["mergekit"]["seconds"]
         print(
-            f"\n{method} merge of {c['input_gb']:.2f} GB of inputs (3 checkpoints), median of "
-            f"{args.repeats}, warm page cache; max abs diff netmeld vs mergekit "
+            f"\n{method} merge of {c['input_gb']:.2f} GB of inputs ({c['checkpoints']} "
+            f"checkpoints), median of {args.repeats}, warm page cache; max abs diff netmeld vs mergekit "
             f"{c['max_abs_diff']:.2e} over {c['tensors']} tensors"
         )
         print("| | wall s | vs mergekit | vs reading once | peak RSS MB |")
         print("|---|---|---|---|---|")
         for key, label in (
-            ("read", "read every input tensor once (netmeld reader)"),
+            ("read", "read every input tensor the merge reads, once (netmeld reader)"),
             ("mergekit", "mergekit-yaml"),
             ("netmeld", "netmeld merge-weights"),
         ):
