@@ -519,7 +519,8 @@ def main() -> None:
         mk = c["mergekit"]["seconds"]
         print(
             f"\n{method} merge of {c['input_gb']:.2f} GB of inputs ({c['checkpoints']} "
-            f"checkpoints), median of {args.repeats}, warm page cache; max abs diff netmeld vs mergekit "
+            f"checkpoints), median of {args.repeats}, warm page cache; max abs diff netmeld vs "
+            "mergekit "
             f"{c['max_abs_diff']:.2e} over {c['tensors']} tensors"
         )
         print("| | wall s | vs mergekit | vs reading once | peak RSS MB |")
