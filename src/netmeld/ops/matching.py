@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 AxisDesc = tuple[str, int] | None
 Axes = Mapping[str, Sequence[AxisDesc]]
@@ -63,6 +62,8 @@ def weight_matching(
     (Ainsworth et al. 2023, Git Re-Basin, weight matching): coordinate ascent over the groups
     in a seeded random order, each step a linear assignment problem, until no group improves
     the total by more than ``tol`` (relative)."""
+    from scipy.optimize import linear_sum_assignment  # imported here: the CLI starts faster
+
     perms = {g: torch.arange(n) for g, n in sizes.items()}
     where: dict[str, list[tuple[str, int, int]]] = {g: [] for g in sizes}
     for key, desc in axes.items():
@@ -158,6 +159,8 @@ class CorrelationStats:
 def activation_matching(correlation: torch.Tensor) -> torch.Tensor:
     """The permutation of B's units best matching A's, by maximal total correlation
     (Git Re-Basin's activation matching; Li et al. 2016)."""
+    from scipy.optimize import linear_sum_assignment
+
     c = torch.nan_to_num(correlation, nan=0.0).numpy()
     _, cols = linear_sum_assignment(c, maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)
