@@ -19,6 +19,7 @@ from netmeld.errors import (
     NetmeldError,
     RecipeError,
 )
+from netmeld.distill import distill
 from netmeld.evaluate import Report, compare, evaluate
 from netmeld.extend import extend
 from netmeld.meld import extract, meld
@@ -44,6 +45,7 @@ __all__ = [
     "Report",
     "__version__",
     "compare",
+    "distill",
     "evaluate",
     "extend",
     "extract",
