@@ -8,6 +8,7 @@
 from netmeld._version import __version__
 from netmeld.combined import CombinedModel, load
 from netmeld.data import Data, load_data
+from netmeld.distill import distill
 from netmeld.errors import (
     CheckpointError,
     DataError,
@@ -19,7 +20,6 @@ from netmeld.errors import (
     NetmeldError,
     RecipeError,
 )
-from netmeld.distill import distill
 from netmeld.evaluate import Report, compare, evaluate
 from netmeld.extend import extend
 from netmeld.meld import extract, meld
