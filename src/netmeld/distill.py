@@ -68,6 +68,96 @@ def _default_student(teacher: CombinedModel, init: Literal["member", "scratch"])
     )
 
 
+def _tv(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() < 4:
+        return x.new_zeros(())
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (
+        x[..., :, 1:] - x[..., :, :-1]
+    ).abs().mean()
+
+
+def synthesize(
+    teacher: CombinedModel,
+    n: int,
+    *,
+    steps: int = 200,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    bn_weight: float = 1.0,
+    tv_weight: float = 0.05,
+    l2_weight: float = 1e-4,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """``n`` inputs made from nothing but the teacher (DeepInversion, Yin et al. 2020): random
+    noise optimised so that the teacher predicts a random union label for each with confidence
+    while the statistics of every BatchNorm layer's input match that layer's running mean and
+    variance, with total-variation and L2 priors. Inputs are raw (``[0, 1]``, the teacher's
+    input shape). Without BatchNorm layers only the priors constrain the inputs (a warning)."""
+    import warnings
+
+    from netmeld._progress import track
+
+    if n < 1:
+        raise DataError(f"data-free distillation needs a budget of at least 1 input, got {n}")
+    teacher.eval()
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    norms = [
+        m
+        for m in teacher.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+    if not norms:
+        warnings.warn(
+            "the teacher has no BatchNorm statistics: data-free inputs are constrained only by "
+            "its predictions and smoothness priors; prefer proxy images",
+            stacklevel=2,
+        )
+    terms: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        x = args[0]
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        assert isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        rm, rv = mod.running_mean, mod.running_var
+        assert rm is not None and rv is not None
+        terms.append((mean - rm).norm() + (var - rv).norm())
+
+    handles = [m.register_forward_hook(hook) for m in norms]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    try:
+        batches = range(0, n, batch_size)
+        for start in track(batches, "synthesizing inputs", total=len(batches), enabled=progress):
+            size = min(batch_size, n - start)
+            x = torch.rand(size, *teacher.input_shape, generator=gen).requires_grad_(True)
+            y = torch.randint(len(teacher.labels), (size,), generator=gen)
+            opt = torch.optim.Adam([x], lr=lr)
+            for _ in range(steps):
+                terms.clear()
+                logits = teacher(x)
+                loss = F.cross_entropy(logits, y)
+                if terms:
+                    loss = loss + bn_weight * torch.stack(terms).mean()
+                loss = loss + tv_weight * _tv(x) + l2_weight * (x * x).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(0, 1)
+            out.append(x.detach())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return torch.cat(out)
+
+
 def distill(
     teacher: CombinedModel | Sequence[Member],
     data: Any = None,
@@ -81,6 +171,8 @@ def distill(
     batch_size: int = 64,
     lr: float = 3e-3,
     config: TrainConfig | None = None,
+    data_free: int | None = None,
+    synthesis: dict[str, Any] | None = None,
     device: str | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -99,10 +191,13 @@ def distill(
         temperature: softens both distributions; the loss is ``T² · KL(teacher ‖ student)``.
         config: the engine's settings (checkpoints, resume, schedule); ``epochs``,
             ``batch_size``, ``lr`` and ``seed`` fill it when it is not given.
+        data_free: with no ``data``, synthesize this many inputs from the teachers' BatchNorm
+            statistics (:func:`synthesize`, DeepInversion); ``synthesis`` sets its options.
     """
-    if data is None:
+    if data is None and not data_free:
         raise DataError(
-            "distillation needs unlabeled inputs (data=): in-distribution or proxy images"
+            "distillation needs unlabeled inputs (data=): in-distribution or proxy images, "
+            "or data_free=N to synthesize N inputs from the teachers"
         )
     if not isinstance(teacher, CombinedModel):
         from netmeld.meld import meld
@@ -117,9 +212,13 @@ def distill(
             seed=seed,
             progress=progress,
         )
-    inputs = load_data(data, teacher.input_shape, what="distillation data").inputs
-    if len(inputs) == 0:
-        raise DataError("distillation needs unlabeled inputs, got none")
+    if data is None:
+        assert data_free
+        inputs = synthesize(
+            teacher, int(data_free), seed=seed, progress=progress, **(synthesis or {})
+        )
+    else:
+        inputs = load_data(data, teacher.input_shape, what="distillation data").inputs
     if temperature <= 0:
         raise DataError(f"temperature must be > 0, got {temperature}")
     targets = _teacher_logits(teacher, inputs)
@@ -185,6 +284,7 @@ def distill(
             "epochs": cfg.epochs,
             "init": init,
             "examples": len(x),
+            "data_free": data is None,
         },
         "teacher": {"members": teacher.member_names, "method": teacher.method.get("name")},
     }
