@@ -124,7 +124,7 @@ def test_methods_lists_every_registered_method(capsys):
 
 
 def test_help_explains_every_option(capsys):
-    for command in ("meld", "eval", "predict", "inspect", "demo", "merge-weights"):
+    for command in ("meld", "eval", "predict", "inspect", "demo", "merge-weights", "distill"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
@@ -146,3 +146,34 @@ def test_inspect_checkpoints_with_an_architecture(workspace, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["member"] for r in rows] == ["m1", "m2"]
     assert rows[0]["shared_with"] == ["m2"] and rows[0]["trunk_parameters"] > 0
+
+
+def test_distill_from_a_recipe_with_checkpoints(workspace, capsys):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    distill_recipe = {
+        "teachers": recipe["members"],
+        "union": "infomax",
+        "data": "unlabeled",
+        "schedule": {"epochs": 3, "batch_size": 32},
+    }
+    path = workspace / "distill.yaml"
+    path.write_text(yaml.safe_dump(distill_recipe))
+    out, ckpt = workspace / "student", workspace / "ckpt"
+    assert main(["distill", str(path), "-o", str(out), "--checkpoint-dir", str(ckpt)]) == 0
+    assert "saved a student over 10 labels" in capsys.readouterr().out
+    student = netmeld.load(out)
+    assert sorted(student.labels) == sorted(str(d) for d in range(10))
+    assert student.method["name"] == "distill"
+    assert (ckpt / "last" / "state.safetensors").is_file()
+    # resuming a finished run trains nothing more and gives the same student
+    again = workspace / "student2"
+    assert (
+        main(["distill", str(path), "-o", str(again), "--checkpoint-dir", str(ckpt), "--resume"])
+        == 0
+    )
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(netmeld.load(again)(x), student(x))
+    del distill_recipe["data"]
+    path.write_text(yaml.safe_dump(distill_recipe))
+    assert main(["distill", str(path), "-o", str(workspace / "s3")]) == 2
+    assert "data_free" in capsys.readouterr().err

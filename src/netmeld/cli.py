@@ -77,6 +77,39 @@ def _cmd_meld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from netmeld.recipe import run_distill_recipe
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():  # launched by torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        model = run_distill_recipe(
+            args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume
+        )
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            model.save(out, overwrite=args.overwrite)
+            _console.print(
+                f"saved a student over {len(model.labels)} labels "
+                f"({model.num_parameters:,} parameters) to [bold]{out}[/bold]"
+            )
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
 def _cmd_merge_weights(args: argparse.Namespace) -> int:
     from netmeld.merge_weights import merge_checkpoints, read_merge_recipe
     from netmeld.shards import CheckpointReader
@@ -337,6 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_cmd_meld)
+
+    p = sub.add_parser(
+        "distill",
+        help="distil teachers into one student over the union of their labels",
+        description="Train the student of RECIPE.yaml on the teachers' calibrated soft "
+        "outputs over unlabeled (or proxy) images, or on inputs synthesized from the "
+        "teachers (data_free: N). Runs on CPU or GPU; launch with torchrun for several "
+        "GPUs or machines (DDP). A checkpoint is written after every epoch.",
+    )
+    p.add_argument(
+        "recipe",
+        help="the YAML distillation recipe (teachers or teacher, union, "
+        "student, data or data_free, temperature, schedule)",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder to write the student to")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
         "merge-weights",

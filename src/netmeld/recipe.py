@@ -79,8 +79,9 @@ class MergeSpec(BaseModel):
 
         if self.method == "zipit":
             if self.params or self.base or self.weights:
-                raise ValueError("merge method 'zipit' takes layers and alpha, not params, base "
-                                 "or weights")
+                raise ValueError(
+                    "merge method 'zipit' takes layers and alpha, not params, base or weights"
+                )
             return self
         try:
             kernel = get_kernel(self.method)
@@ -193,8 +194,14 @@ def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
         spec = recipe.merge
         if spec.method == "zipit":
             return zip_members(
-                members, data, layers=spec.layers, alpha=spec.alpha, union=recipe.method,
-                union_params=recipe.params, seed=recipe.seed, progress=progress,
+                members,
+                data,
+                layers=spec.layers,
+                alpha=spec.alpha,
+                union=recipe.method,
+                union_params=recipe.params,
+                seed=recipe.seed,
+                progress=progress,
             )
         return merge_members(
             members,
@@ -216,6 +223,174 @@ def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
         params=recipe.params,
         input_shape=recipe.input_shape,
         feature_names=recipe.feature_names,
+        seed=recipe.seed,
+        progress=progress,
+    )
+
+
+class StudentSpec(BaseModel):
+    """The student of a distillation recipe: an architecture with one output per union label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: PreprocessingSpec | None = None  # default: the first teacher's
+
+
+class ScheduleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+
+
+class DistillRecipe(BaseModel):
+    """A ``netmeld distill`` recipe: teachers (members, or a saved combined model), how they
+    are combined, the student, the unlabeled data (or a data-free budget) and the schedule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teachers: list[MemberSpec] | None = None
+    teacher: str | None = None  # a saved combined model instead of teachers
+    union: str = "concat"
+    union_params: dict[str, Any] = Field(default_factory=dict)
+    union_data: str | None = None  # data for a union method that needs labels
+    student: StudentSpec | None = None
+    init: Literal["member", "scratch"] = "member"
+    data: str | None = None
+    data_free: int | None = None
+    synthesis: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = 4.0
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillRecipe:
+        if (self.teachers is None) == (self.teacher is None):
+            raise ValueError("give either teachers (members) or teacher (a saved model folder)")
+        if self.data is None and not self.data_free:
+            raise ValueError(
+                "distillation needs 'data: FOLDER' (unlabeled or proxy images) or "
+                "'data_free: N' (inputs synthesized from the teachers)"
+            )
+        if self.teachers is not None:
+            info = get_method(self.union)
+            info.validate_params(self.union_params)
+            if info.data == "labeled" and self.union_data is None:
+                raise MethodError(
+                    f"union method {self.union!r} needs labeled data: add 'union_data: FOLDER'"
+                )
+        unknown = set(self.synthesis) - {
+            "steps",
+            "lr",
+            "batch_size",
+            "bn_weight",
+            "tv_weight",
+            "l2_weight",
+        }
+        if unknown:
+            raise ValueError(f"synthesis has no option {sorted(unknown)[0]!r}")
+        return self
+
+
+def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
+    """Parse and validate a distillation recipe (paths relative to its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return DistillRecipe.model_validate(raw), path.parent
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    except MethodError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+
+
+def run_distill_recipe(
+    path: str | Path,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> Any:
+    """Read a distillation recipe and return the distilled one-member combined model."""
+    from netmeld.combined import load
+    from netmeld.distill import distill
+    from netmeld.engine import TrainConfig
+    from netmeld.meld import meld
+
+    recipe, base = read_distill_recipe(path)
+    data = None if recipe.data is None else _resolve(base, recipe.data)
+    if recipe.teacher is not None:
+        teacher = load(_resolve(base, recipe.teacher))
+    else:
+        assert recipe.teachers is not None
+        as_meld = Recipe(
+            members=recipe.teachers,
+            method=recipe.union,
+            params=recipe.union_params,
+            data=recipe.union_data or recipe.data,
+        )
+        members = recipe_members(as_meld, base)
+        union_data = recipe.union_data or recipe.data
+        info = get_method(recipe.union)
+        teacher = meld(
+            members,
+            recipe.union,
+            None if info.data == "none" or union_data is None else _resolve(base, union_data),
+            params=recipe.union_params,
+            seed=recipe.seed,
+            progress=progress,
+        )
+    student = None
+    if recipe.student is not None:
+        from netmeld.members import Architecture, Member
+
+        arch = Architecture.parse(recipe.student.architecture, recipe.student.architecture_kwargs)
+        pre = (
+            Preprocessing(**recipe.student.preprocessing.model_dump())
+            if recipe.student.preprocessing is not None
+            else teacher.members[0].preprocessing
+        )
+        student = Member(
+            arch.build(num_classes=len(teacher.labels)),
+            list(teacher.labels),
+            name="student",
+            preprocessing=pre,
+            architecture=arch,
+        )
+    s = recipe.schedule
+    config = TrainConfig(
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=s.warmup_steps,
+        seed=recipe.seed,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    return distill(
+        teacher,
+        data,
+        student=student,
+        init=recipe.init,
+        temperature=recipe.temperature,
+        config=config,
+        data_free=recipe.data_free,
+        synthesis=recipe.synthesis or None,
         seed=recipe.seed,
         progress=progress,
     )
