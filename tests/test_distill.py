@@ -74,8 +74,30 @@ def test_data_free_inputs_match_the_batchnorm_statistics(digits2, taught):
     assert torch.equal(x, synthesize(teacher, 64, steps=50, seed=1))
     noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     assert _bn_mismatch(teacher, x) < 0.5 * _bn_mismatch(teacher, noise)
-    student = distill(teacher, None, data_free=512, synthesis={"steps": 50}, epochs=100,
-                      progress=False)
+    student = distill(
+        teacher, None, data_free=512, synthesis={"steps": 50}, epochs=100, progress=False
+    )
     # a member alone scores at most half; the data-free student learnt both halves
     assert netmeld.evaluate(student, digits2.test).union_accuracy > 0.6
     assert student.method["params"]["data_free"] is True
+
+
+def test_student_can_start_from_the_merged_bodies(digits2, taught):
+    teacher, _ = taught
+    student = distill(teacher, digits2.pool, init="merge", epochs=1, lr=1e-9, progress=False)
+    merged = netmeld.merge_members(teacher.members, "linear", data=digits2.pool[:2048])
+    s_state = student.members[0].module.state_dict()
+    for key, value in merged.members[0].module.state_dict().items():
+        if value.dim() == 4:  # the convolutions (BatchNorm statistics move in train mode)
+            torch.testing.assert_close(s_state[key], value, rtol=0, atol=1e-6)
+
+
+def test_feature_hints_train_a_projection_that_is_dropped(digits2, taught, tmp_path):
+    teacher, _ = taught
+    student = distill(teacher, digits2.pool, hint_weight=1.0, epochs=60, progress=False)
+    assert student.method["params"]["hint_weight"] == 1.0
+    assert netmeld.evaluate(student, digits2.test).union_accuracy > 0.6
+    module = student.members[0].module
+    assert not any(m._forward_pre_hooks for m in module.modules())  # the hint hook is gone
+    student.save(tmp_path / "hinted")
+    assert set(netmeld.load(tmp_path / "hinted").state_dict()) == set(student.state_dict())

@@ -39,7 +39,9 @@ def _teacher_logits(
     )
 
 
-def _default_student(teacher: CombinedModel, init: Literal["member", "scratch"]) -> Member:
+def _default_student(
+    teacher: CombinedModel, init: Literal["member", "merge", "scratch"], inputs: torch.Tensor
+) -> Member:
     first = teacher.members[0]
     if first.architecture is None:
         raise MemberError(
@@ -50,9 +52,16 @@ def _default_student(teacher: CombinedModel, init: Literal["member", "scratch"])
     if "num_classes" in arch.kwargs:
         arch = Architecture(arch.spec, {**arch.kwargs, "num_classes": n})
     module = arch.build(num_classes=n)
-    if init == "member":
-        head = find_head(first)
-        body = {k: v for k, v in first.module.state_dict().items() if not k.startswith(head + ".")}
+    if init in ("member", "merge"):
+        source = first
+        if init == "merge":  # the members' bodies merged in weight space (aligned if needed)
+            from netmeld.methods.weights import merge_members
+
+            if len(teacher.members) < 2:
+                raise MemberError("init='merge' needs at least two teacher members")
+            source = merge_members(teacher.members, "linear", data=inputs[:2048]).members[0]
+        head = find_head(source)
+        body = {k: v for k, v in source.module.state_dict().items() if not k.startswith(head + ".")}
         missing, _ = module.load_state_dict(body, strict=False)
         if any(not k.startswith(head + ".") for k in missing):
             raise MemberError(
@@ -158,15 +167,52 @@ def synthesize(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def _teacher_features(
+    teacher: CombinedModel, inputs: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """The teachers' penultimate features, side by side and standardised per column."""
+    teacher.eval()
+    feats = torch.cat(
+        [
+            teacher.run_members(inputs[i : i + batch_size]).router_input
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
+    return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+
+
+class _Hinted(nn.Module):
+    """The student with a linear projection of its penultimate features onto the teachers'
+    (FitNets-style hints; Romero et al. 2015); the projection is dropped after training."""
+
+    def __init__(self, student: nn.Module, member: Member, teacher_dim: int) -> None:
+        super().__init__()
+        self.student = student
+        head = student.get_submodule(find_head(member))
+        assert isinstance(head, nn.Linear)
+        self.project = nn.Linear(head.in_features, teacher_dim)
+        self._features: list[torch.Tensor] = []
+        self.handle = head.register_forward_pre_hook(
+            lambda _m, args: self._features.append(args[0])
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._features.clear()
+        logits = self.student(x)
+        return logits, self.project(self._features[-1].flatten(1))
+
+
 def distill(
     teacher: CombinedModel | Sequence[Member],
     data: Any = None,
     *,
     student: nn.Module | Member | None = None,
-    init: Literal["member", "scratch"] = "member",
+    init: Literal["member", "merge", "scratch"] = "member",
     union: str = "concat",
     union_params: dict[str, Any] | None = None,
     temperature: float = 4.0,
+    hint_weight: float = 0.0,
     epochs: int = 50,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -186,9 +232,13 @@ def distill(
             input shape; in-distribution, or any proxy images.
         student: a module (its output: one logit per teacher label, in ``teacher.labels``
             order, on inputs preprocessed like the first member's) or a Member; default: the
-            first member's architecture with a new head, from its weights (``init='member'``)
-            or fresh (``'scratch'``).
+            first member's architecture with a new head, from its weights (``init='member'``),
+            from the members' bodies merged in weight space (``'merge'``: ``linear`` after
+            permutation alignment where they come from different initialisations) or fresh
+            (``'scratch'``).
         temperature: softens both distributions; the loss is ``T² · KL(teacher ‖ student)``.
+        hint_weight: adds ``hint_weight · MSE`` between a learnt linear projection of the
+            student's penultimate features and the teachers' (standardised, side by side).
         config: the engine's settings (checkpoints, resume, schedule); ``epochs``,
             ``batch_size``, ``lr`` and ``seed`` fill it when it is not given.
         data_free: with no ``data``, synthesize this many inputs from the teachers' BatchNorm
@@ -224,7 +274,7 @@ def distill(
     targets = _teacher_logits(teacher, inputs)
     labels = list(teacher.labels)
     if student is None:
-        member = _default_student(teacher, init)
+        member = _default_student(teacher, init, inputs)
     elif isinstance(student, Member):
         member = student
     else:
@@ -249,30 +299,43 @@ def distill(
     if config is not None and seed != cfg.seed:
         cfg = replace(cfg, seed=seed)
     t = temperature
+    module = member.module
+    for p in module.parameters():
+        p.requires_grad_(True)
+    trained: nn.Module = module
+    batches = tensor_batches(x, targets)
+    if hint_weight > 0:
+        teacher_feats = _teacher_features(teacher, inputs)
+        trained = _Hinted(module, member, teacher_feats.shape[1])
+        batches = tensor_batches(x, targets, teacher_feats)
 
-    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        xb, tb = batch
+    def step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        xb, tb = batch[0], batch[1]
         s = model(xb)
-        return F.kl_div(
+        hint = None
+        if hint_weight > 0:
+            s, projected = s
+            hint = F.mse_loss(projected, batch[2])
+        loss = F.kl_div(
             F.log_softmax(s / t, dim=1),
             F.log_softmax(tb / t, dim=1),
             log_target=True,
             reduction="batchmean",
         ) * (t * t)
+        return loss if hint is None else loss + hint_weight * hint
 
-    module = member.module
-    for p in module.parameters():
-        p.requires_grad_(True)
     train(
-        module,
+        trained,
         step,
         len(x),
-        tensor_batches(x, targets),
+        batches,
         cfg,
         device=device,
         progress=progress,
         description="distilling",
     )
+    if isinstance(trained, _Hinted):
+        trained.handle.remove()
     module.cpu().eval()
     model = CombinedModel(
         [member], input_shape=teacher.input_shape, feature_names=teacher.feature_names
@@ -283,6 +346,7 @@ def distill(
             "temperature": temperature,
             "epochs": cfg.epochs,
             "init": init,
+            "hint_weight": hint_weight,
             "examples": len(x),
             "data_free": data is None,
         },

@@ -260,7 +260,7 @@ class DistillRecipe(BaseModel):
     union_params: dict[str, Any] = Field(default_factory=dict)
     union_data: str | None = None  # data for a union method that needs labels
     student: StudentSpec | None = None
-    init: Literal["member", "scratch"] = "member"
+    init: Literal["member", "merge", "scratch"] = "member"
     data: str | None = None
     data_free: int | None = None
     synthesis: dict[str, Any] = Field(default_factory=dict)
