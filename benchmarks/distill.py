@@ -59,15 +59,17 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     record("teachers, naive union (concat)", naive)
     teacher = netmeld.meld(sc["members"], "calibrate", sc["labeled"], seed=seed)
     record("teachers, calibrated union (the teacher)", teacher)
-    for name, data, kw in (
-        ("student, in-distribution unlabeled", unlabeled, {}),
-        ("student, proxy images (MNIST)", proxy, {}),
-        (
+    modes = {
+        "indist": ("student, in-distribution unlabeled", unlabeled, {}),
+        "proxy": ("student, proxy images (MNIST)", proxy, {}),
+        "datafree": (
             "student, data-free (DeepInversion)",
             None,
             {"data_free": args.data_free, "synthesis": {"steps": args.synthesis_steps}},
         ),
-    ):
+    }
+    for name, data, kw in (modes[m] for m in args.modes):
+        kw = {**kw, "hint_weight": args.hint_weight}
         start = time.perf_counter()
         student = distill(teacher, data, epochs=args.epochs, seed=seed, progress=False, **kw)
         record(name, student, time.perf_counter() - start)
@@ -88,6 +90,13 @@ def main() -> None:
     parser.add_argument("--data-free", type=int, default=1000, help="synthesized inputs")
     parser.add_argument("--synthesis-steps", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=15, help="distillation epochs")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["indist", "proxy", "datafree"],
+        choices=["indist", "proxy", "datafree"],
+    )
+    parser.add_argument("--hint-weight", type=float, default=0.0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
