@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the student of RECIPE.yaml on the teachers' calibrated soft "
         "outputs over unlabeled (or proxy) images, or on inputs synthesized from the "
         "teachers (data_free: N). Runs on CPU or GPU; launch with torchrun for several "
-        "GPUs or machines (DDP). A checkpoint is written after every epoch.",
+        "GPUs or machines (DDP). With --checkpoint-dir a checkpoint is written after every "
+        "epoch, and --resume continues from it.",
     )
     p.add_argument(
         "recipe",
