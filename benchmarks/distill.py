@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--unlabeled", type=int, default=5000, help="unlabeled / proxy images")
     parser.add_argument("--data-free", type=int, default=1000, help="synthesized inputs")
     parser.add_argument("--synthesis-steps", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=15, help="distillation epochs")
+    parser.add_argument("--epochs", type=int, default=30, help="distillation epochs")
     parser.add_argument(
         "--modes",
         nargs="+",
