@@ -206,3 +206,22 @@ def test_a_crash_mid_merge_leaves_nothing(checkpoints, monkeypatch):
         merge_checkpoints(_recipe(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_mixed_dtypes_need_a_recipe_dtype(checkpoints):
+    tmp_path, _, _, b = checkpoints
+    (tmp_path / "b" / "model.safetensors").unlink()
+    save_file(
+        {k: v.half() if v.is_floating_point() else v for k, v in b.items()},
+        str(tmp_path / "b" / "model.safetensors"),
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"tensor 'attn.q.weight' has different dtypes "
+        r"\(torch.float32 in '.*base.safetensors', torch.float32 in '.*a', "
+        r"torch.float16 in '.*b'\); set 'dtype:'",
+    ):
+        merge_checkpoints(_recipe(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    out = merge_checkpoints(_recipe(tmp_path, dtype="float32"), tmp_path / "out")
+    assert CheckpointReader(out).get("embed.weight").dtype == torch.float32

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netmeld._atomic import swap_in
 from netmeld._version import __version__
 from netmeld.combiners import Combiner, Extension, combiner_from_config
 from netmeld.errors import DataError, IncompatibleMembersError, LabelError, ModelFileError
@@ -145,11 +145,7 @@ def resolve_columns(
             else:
                 cols.append(c)
         positions[m.name] = cols
-    width = (
-        len(names)
-        if names is not None
-        else max(max(cols) for cols in positions.values()) + 1
-    )
+    width = len(names) if names is not None else max(max(cols) for cols in positions.values()) + 1
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 1:
@@ -610,13 +606,7 @@ class CombinedModel(nn.Module):
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "netmeld"})
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            swap_in(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from netmeld._atomic import swap_in
 from netmeld._progress import track
 from netmeld.errors import DataError, ModelFileError
 
@@ -134,14 +134,7 @@ def save_checkpoint(
     try:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-        target = folder / "last"
-        if target.exists():
-            old = folder / f".last.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_in(tmp, folder / "last")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,3 +42,13 @@ class ModelFileError(NetmeldError, ValueError):
 
 class RecipeError(NetmeldError, ValueError):
     """A YAML recipe is malformed."""
+
+
+def validation_problems(exc: Exception) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field.path: message; ...``."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in errors
+    )

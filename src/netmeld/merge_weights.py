@@ -24,7 +24,6 @@ memory holds a few tensors whatever the model's size; the same kernel code runs 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from netmeld._progress import track
-from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
+from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError, validation_problems
 from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
 from netmeld.shards import CheckpointReader, ShardedWriter, parse_size
 
@@ -128,12 +127,7 @@ def read_merge_recipe(path: str | Path) -> tuple[MergeRecipe, Path]:
     try:
         recipe = MergeRecipe.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
     _check_recipe_params(recipe, str(path))
     return recipe, path.parent
 
@@ -188,28 +182,33 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
-def check_compatible(readers: Sequence[tuple[str, CheckpointReader]]) -> list[str]:
-    """The tensor names every checkpoint has, in the first's order; a missing tensor or a
-    different shape is an error naming the tensor, both checkpoints and both shapes."""
-    (first_name, first), *rest = readers
-    for name, reader in rest:
-        for key, info in first.tensors.items():
-            other = reader.tensors.get(key)
-            if other is None:
+def check_same_tensors(sources: Sequence[tuple[str, Mapping[str, Sequence[int]]]]) -> list[str]:
+    """The tensor names every source has, in the first's order. ``sources`` are ``(what,
+    {name: shape})``; a tensor missing from one, or of another shape, is an error naming the
+    tensor, both sources and both shapes (the first mismatch in the first source's order)."""
+    (first_what, first), *rest = sources
+    for what, shapes in rest:
+        for key, shape in first.items():
+            if key not in shapes:
                 raise IncompatibleMembersError(
-                    f"tensor {key!r} is in {first_name!r} but not in {name!r}"
+                    f"tensor {key!r} is in {first_what} but not in {what}"
                 )
-            if other.shape != info.shape:
+            if tuple(shapes[key]) != tuple(shape):
                 raise IncompatibleMembersError(
-                    f"tensor {key!r} has shape {info.shape} in {first_name!r} and "
-                    f"{other.shape} in {name!r}"
+                    f"tensor {key!r} has shape {tuple(shape)} in {first_what} and "
+                    f"{tuple(shapes[key])} in {what}"
                 )
-        extra = [k for k in reader.tensors if k not in first.tensors]
+        extra = [k for k in shapes if k not in first]
         if extra:
             raise IncompatibleMembersError(
-                f"tensor {extra[0]!r} is in {name!r} but not in {first_name!r}"
+                f"tensor {extra[0]!r} is in {what} but not in {first_what}"
             )
-    return list(first.tensors)
+    return list(first)
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a state dict, for :func:`check_same_tensors`."""
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def merge_checkpoints(
@@ -235,9 +234,19 @@ def merge_checkpoints(
         if recipe.base_model is None
         else (recipe.base_model, CheckpointReader(where(recipe.base_model)))
     )
-    names = check_compatible(([base] if base else []) + models)
+    names = check_same_tensors([(repr(n), r.shapes) for n, r in ([base] if base else []) + models])
     kernel = get_kernel(recipe.merge_method)
     dtype = None if recipe.dtype is None else _DTYPES[recipe.dtype]
+    if dtype is None:
+        sources = ([base] if base else []) + models
+        for name in names:
+            kinds = {r.tensors[name].dtype for _, r in sources}
+            if len(kinds) > 1:
+                found = ", ".join(f"{r.tensors[name].dtype!s} in {n!r}" for n, r in sources)
+                raise RecipeError(
+                    f"tensor {name!r} has different dtypes ({found}); set 'dtype:' in the "
+                    "recipe to merge in one"
+                )
     out_dtype = _DTYPES[recipe.out_dtype] if recipe.out_dtype else dtype
     first = (base or models[0])[1]
     layout = []
@@ -284,18 +293,9 @@ def merge_state_dicts(
     """Merge state dicts in memory with the same kernels; ``names`` limits which tensors are
     merged (the others are the base's, or the first model's). ``extra`` maps a tensor name to
     the per-model Fisher diagonals or Gram matrices that ``fisher``/``regmean`` need."""
-    sources = [("the base model", base)] if base is not None else []
-    sources += [(f"model {i}", m) for i, m in enumerate(models)]
-    for (name_a, a), (name_b, b) in itertools.pairwise(sources):
-        assert a is not None and b is not None
-        for key, t in a.items():
-            if key not in b:
-                raise IncompatibleMembersError(f"tensor {key!r} is in {name_a} but not in {name_b}")
-            if b[key].shape != t.shape:
-                raise IncompatibleMembersError(
-                    f"tensor {key!r} has shape {tuple(t.shape)} in {name_a} and "
-                    f"{tuple(b[key].shape)} in {name_b}"
-                )
+    sources = [("the base model", shapes_of(base))] if base is not None else []
+    sources += [(f"model {i}", shapes_of(m)) for i, m in enumerate(models)]
+    check_same_tensors(sources)
     chosen = set(names) if names is not None else None
     out = {}
     reference = base if base is not None else models[0]

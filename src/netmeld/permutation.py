@@ -418,19 +418,9 @@ def permuted(
 
 
 def _check_same(a: nn.Module, b: nn.Module, what_a: str, what_b: str) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    for key, ta in sa.items():
-        tb = sb.get(key)
-        if tb is None:
-            raise IncompatibleMembersError(f"tensor {key!r} is in {what_a} but not in {what_b}")
-        if ta.shape != tb.shape:
-            raise IncompatibleMembersError(
-                f"tensor {key!r} has shape {tuple(ta.shape)} in {what_a} and "
-                f"{tuple(tb.shape)} in {what_b}"
-            )
-    extra = [k for k in sb if k not in sa]
-    if extra:
-        raise IncompatibleMembersError(f"tensor {extra[0]!r} is in {what_b} but not in {what_a}")
+    from netmeld.merge_weights import check_same_tensors, shapes_of
+
+    check_same_tensors([(what_a, shapes_of(a.state_dict())), (what_b, shapes_of(b.state_dict()))])
 
 
 # -- activations ----------------------------------------------------------------------------
@@ -470,20 +460,23 @@ def correlation_stats(
     spec: PermutationSpec,
     data: torch.Tensor,
     *,
+    groups: Iterable[str] | None = None,
     batch_size: int = 256,
 ) -> dict[str, CorrelationStats]:
-    """Per group, running correlation statistics between A's and B's activations on ``data``."""
+    """Per group (all, or ``groups``), running correlation statistics between A's and B's
+    activations on ``data``."""
+    wanted = list(spec.sizes) if groups is None else list(groups)
     gms = [fx.symbolic_trace(m) for m in (model_a, model_b)]
     for gm in gms:
         gm.eval()
-    names = {n for entries in spec.nodes.values() for n, _, _ in entries}
-    stats = {g: CorrelationStats(n, n) for g, n in spec.sizes.items()}
+    names = {n for g in wanted for n, _, _ in spec.nodes[g]}
+    stats = {g: CorrelationStats(spec.sizes[g], spec.sizes[g]) for g in wanted}
     for x in _batches(data, batch_size):
         recs = [_Recorder(gm, names) for gm in gms]
         for rec in recs:
             rec.run(x)
-        for g, entries in spec.nodes.items():
-            for name, dim, repeat in entries:
+        for g in wanted:
+            for name, dim, repeat in spec.nodes[g]:
                 stats[g].update(
                     _as_units(recs[0].seen[name], dim, repeat),
                     _as_units(recs[1].seen[name], dim, repeat),
@@ -583,9 +576,10 @@ def reset_batchnorm(model: nn.Module, data: torch.Tensor, *, batch_size: int = 2
 
 
 @torch.no_grad()
-def _channel_stats(
+def channel_stats(
     model: nn.Module, layer: str, data: torch.Tensor, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each output channel of ``layer`` on ``data``."""
     mod = model.get_submodule(layer)
     sums: list[torch.Tensor] = []
 
@@ -604,6 +598,31 @@ def _channel_stats(
     mean = total[0] / total[2]
     std = (total[1] / total[2] - mean * mean).clamp_min(0).sqrt()
     return mean, std
+
+
+@torch.no_grad()
+def rescale_outputs(
+    models: list[nn.Module],
+    layer: str,
+    t_mean: torch.Tensor,
+    t_std: torch.Tensor,
+    data: torch.Tensor,
+    *,
+    batch_size: int = 256,
+) -> None:
+    """Scale and shift the output channels of ``layer`` (a Linear or Conv) so that, measured
+    on ``data`` in ``models[0]``, they have mean ``t_mean`` and standard deviation ``t_std``;
+    the same change is made in every model (they share that layer's weights). A layer without
+    a bias gets its spread corrected, not its mean."""
+    mean, std = channel_stats(models[0], layer, data, batch_size)
+    scale = (t_std / std.clamp_min(1e-8)).float()
+    for model in models:
+        mod = model.get_submodule(layer)
+        weight, bias = mod.weight, getattr(mod, "bias", None)
+        assert isinstance(weight, torch.Tensor)
+        weight.mul_(scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
+        if isinstance(bias, torch.Tensor):
+            bias.mul_(scale).add_((t_mean - mean * scale.double()).float())
 
 
 @torch.no_grad()
@@ -628,16 +647,9 @@ def repair(
     for layer, group in spec.layers:
         if group is None or has_bn:
             continue
-        targets = [_channel_stats(m, layer, data, batch_size) for m in endpoints]
+        targets = [channel_stats(m, layer, data, batch_size) for m in endpoints]
         t_mean = torch.stack([w * s[0] for w, s in zip(weights, targets, strict=True)]).sum(0)
         t_std = torch.stack([w * s[1] for w, s in zip(weights, targets, strict=True)]).sum(0)
-        mean, std = _channel_stats(merged, layer, data, batch_size)
-        scale = (t_std / std.clamp_min(1e-8)).float()
-        mod = merged.get_submodule(layer)
-        weight, bias = mod.weight, getattr(mod, "bias", None)
-        assert isinstance(weight, torch.Tensor)
-        weight.mul_(scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
-        if isinstance(bias, torch.Tensor):
-            bias.mul_(scale).add_((t_mean - mean * scale.double()).float())
+        rescale_outputs([merged], layer, t_mean, t_std, data, batch_size=batch_size)
     reset_batchnorm(merged, data, batch_size=batch_size)
     return merged

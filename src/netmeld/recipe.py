@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from netmeld.errors import MethodError, RecipeError
+from netmeld.errors import MethodError, RecipeError, validation_problems
 from netmeld.members import Member, Preprocessing
 from netmeld.methods import get_method
 
@@ -147,12 +147,7 @@ def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
     except MethodError as exc:
         raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -310,12 +305,7 @@ def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
     except MethodError as exc:
         raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise RecipeError(f"recipe {str(path)!r}: {problems}") from exc
+        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
 
 
 def run_distill_recipe(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import shutil
 import struct
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from netmeld._atomic import swap_in
 from netmeld.errors import CheckpointError, ModelFileError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -143,6 +143,11 @@ class CheckpointReader:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of every tensor."""
+        return {name: info.shape for name, info in self.tensors.items()}
 
     @property
     def nbytes(self) -> int:
@@ -298,13 +303,7 @@ class ShardedWriter:
             total = sum(_nbytes(d, s) for d, s in self._expected.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        swap_in(self.tmp, self.path)
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

@@ -27,9 +27,8 @@ from netmeld.data import load_data
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.graph import find_head
 from netmeld.members import Member, read_state_dict
-from netmeld.merge_weights import merge_state_dicts
+from netmeld.merge_weights import check_same_tensors, merge_state_dicts, shapes_of
 from netmeld.ops.matching import (
-    CorrelationStats,
     activation_matching,
     weight_matching,
     zip_matching,
@@ -37,8 +36,7 @@ from netmeld.ops.matching import (
 from netmeld.ops.merge import get_kernel
 from netmeld.permutation import (
     PermutationSpec,
-    _as_units,
-    _Recorder,
+    correlation_stats,
     permutation_spec,
     permute_state,
     repair,
@@ -83,23 +81,9 @@ def _body_states(members: Sequence[Member]) -> tuple[list[dict[str, torch.Tensor
     for m in members:
         _, head = _head_keys(m)
         states.append({k: v for k, v in m.module.state_dict().items() if k not in head})
-    ref = members[0].name
-    for m, state in zip(members[1:], states[1:], strict=True):
-        for key, t in states[0].items():
-            if key not in state:
-                raise IncompatibleMembersError(
-                    f"tensor {key!r} is in member {ref!r} but not in member {m.name!r}"
-                )
-            if state[key].shape != t.shape:
-                raise IncompatibleMembersError(
-                    f"tensor {key!r} has shape {tuple(t.shape)} in member {ref!r} and "
-                    f"{tuple(state[key].shape)} in member {m.name!r}"
-                )
-        extra = [k for k in state if k not in states[0]]
-        if extra:
-            raise IncompatibleMembersError(
-                f"tensor {extra[0]!r} is in member {m.name!r} but not in member {ref!r}"
-            )
+    check_same_tensors(
+        [(f"member {m.name!r}", shapes_of(st)) for m, st in zip(members, states, strict=True)]
+    )
     return states, list(states[0])
 
 
@@ -287,35 +271,10 @@ def _align_to_first(
         else:
             if prepared is None:
                 raise DataError("activation matching needs data (inputs, no labels)")
-            stats = _group_stats(first.module, m.module, spec, prepared)
+            stats = correlation_stats(first.module, m.module, spec, prepared)
             perms = {g: activation_matching(s.correlation()) for g, s in stats.items()}
         out.append(_rebuild(m, permute_state(m.module.state_dict(), spec, perms)))
     return out, spec
-
-
-@torch.no_grad()
-def _group_stats(
-    a: nn.Module, b: nn.Module, spec: PermutationSpec, inputs: torch.Tensor, batch_size: int = 256
-) -> dict[str, CorrelationStats]:
-    from torch import fx
-
-    gms = [fx.symbolic_trace(m) for m in (a, b)]
-    for gm in gms:
-        gm.eval()
-    names = {n for entries in spec.nodes.values() for n, _, _ in entries}
-    stats = {g: CorrelationStats(n, n) for g, n in spec.sizes.items()}
-    for start in range(0, len(inputs), batch_size):
-        x = inputs[start : start + batch_size]
-        recs = [_Recorder(gm, names) for gm in gms]
-        for rec in recs:
-            rec.run(x)
-        for g, entries in spec.nodes.items():
-            for name, dim, repeat in entries:
-                stats[g].update(
-                    _as_units(recs[0].seen[name], dim, repeat),
-                    _as_units(recs[1].seen[name], dim, repeat),
-                )
-    return stats
 
 
 def merge_members(
@@ -486,30 +445,6 @@ def _apply_side(
     return t.to(tensor.dtype)
 
 
-@torch.no_grad()
-def _joint_stats(
-    a: nn.Module,
-    b: nn.Module,
-    spec: PermutationSpec,
-    inputs: torch.Tensor,
-    groups: set[str],
-    batch_size: int = 256,
-) -> dict[str, torch.Tensor]:
-    stats = _group_stats(
-        a,
-        b,
-        PermutationSpec(
-            {g: spec.sizes[g] for g in groups},
-            spec.axes,
-            {g: spec.nodes[g] for g in groups},
-            spec.layers,
-        ),
-        inputs,
-        batch_size,
-    )
-    return {g: s.joint_correlation() for g, s in stats.items()}
-
-
 def zip_members(
     members: Sequence[Member],
     data: Any,
@@ -553,10 +488,9 @@ def zip_members(
         )
     hidden = [i for i, (_, g) in enumerate(spec.layers) if g is not None]
     zipped_layers = {spec.layers[i][0] for i in hidden[:depth]}
-    zipped = {spec.layers[i][1] for i in hidden[:depth]} - {None}
-    zipped_groups = {g for g in zipped if g is not None}
-    joint = _joint_stats(a.module, b.module, spec, prepared, zipped_groups)
-    mats = {g: zip_matching(c, alpha=alpha) for g, c in joint.items()}
+    zipped_groups = {g for i in hidden[:depth] if (g := spec.layers[i][1]) is not None}
+    stats = correlation_stats(a.module, b.module, spec, prepared, groups=zipped_groups)
+    mats = {g: zip_matching(s.joint_correlation(), alpha=alpha) for g, s in stats.items()}
     n = {g: spec.sizes[g] for g in zipped_groups}
     side_out = [
         {g: m[:, : n[g]] for g, (m, _) in mats.items()},
@@ -567,20 +501,14 @@ def zip_members(
         {g: u[n[g] :] for g, (_, u) in mats.items()},
     ]
     full_states = [dict(m.module.state_dict()) for m in members]
-    layer_of = {}
-    for name, _ in spec.layers:
-        for suffix in ("weight", "bias"):
-            layer_of[f"{name}.{suffix}"] = name
     new_states: list[dict[str, torch.Tensor]] = [dict(s) for s in full_states]
     for key in full_states[0]:
         axes = spec.axes.get(key)
         if axes is None or not full_states[0][key].is_floating_point():
             continue
-        layer = layer_of.get(key)
-        out_group = axes[0] if axes else None
-        in_zipped = layer in zipped_layers or (
-            layer is None and out_group is not None and out_group[0] in zipped_groups
-        )
+        # a tensor whose output units are zipped is merged (the zip depth is valid, so those
+        # are exactly the zipped layers and their norms); the others read zipped units at most
+        in_zipped = bool(axes) and axes[0] is not None and axes[0][0] in zipped_groups
         if in_zipped:  # a merged tensor: the same in both members
             merged = sum(
                 _apply_side(full_states[s][key], axes, side_out[s], side_in[s]).double()
@@ -633,24 +561,17 @@ def _zip_repair(
 ) -> None:
     """REPAIR for a zipped network without BatchNorm: each merged unit's output mean and
     standard deviation are set to the average of the units it merged, layer by layer."""
-    from netmeld.permutation import _channel_stats
+    from netmeld.permutation import channel_stats, rescale_outputs
 
+    modules = [m.module for m in rebuilt]
     for layer, group in spec.layers:
         if layer not in zipped_layers or group is None:
             continue
         merge = mats[group][0]
-        ends = [_channel_stats(m.module, layer, inputs, 256) for m in originals]
+        ends = [channel_stats(m.module, layer, inputs, 256) for m in originals]
         t_mean = merge @ torch.cat([ends[0][0], ends[1][0]])
         t_std = merge @ torch.cat([ends[0][1], ends[1][1]])
-        mean, std = _channel_stats(rebuilt[0].module, layer, inputs, 256)
-        scale = (t_std / std.clamp_min(1e-8)).float()
-        for m in rebuilt:
-            mod = m.module.get_submodule(layer)
-            weight, bias = mod.weight, getattr(mod, "bias", None)
-            assert isinstance(weight, torch.Tensor)
-            weight.mul_(scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
-            if isinstance(bias, torch.Tensor):
-                bias.mul_(scale).add_((t_mean - mean * scale.double()).float())
+        rescale_outputs(modules, layer, t_mean, t_std, inputs)
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

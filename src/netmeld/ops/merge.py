@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 
-def _stack_weights(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
+    """The per-model weights as a ``(n, 1, ..., 1)`` tensor broadcasting over a stack of
+    ``tensors``, after checking their shapes agree and there is one weight per tensor."""
     if not tensors:
         raise MethodError("merging needs at least one tensor")
     shape = tensors[0].shape
@@ -55,11 +55,15 @@ def _stack_weights(
         weights = [1.0] * len(tensors)
     if len(weights) != len(tensors):
         raise MethodError(f"{len(weights)} weights for {len(tensors)} tensors")
-    stacked = torch.stack(list(tensors), dim=0)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    while w.dim() < stacked.dim():
-        w = w.unsqueeze(-1)
-    return stacked, w
+    w = torch.tensor(list(weights), dtype=tensors[0].dtype, device=tensors[0].device)
+    return w.reshape(-1, *([1] * len(shape)))
+
+
+def _stack_weights(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _weights(tensors, weights)
+    return torch.stack(list(tensors), dim=0), w
 
 
 def linear(
@@ -72,7 +76,7 @@ def linear(
 
     With ``normalize`` the weights are divided by their sum, so equal weights give the mean.
     """
-    _stack_weights(tensors, weights)  # checks shapes and counts
+    _weights(tensors, weights)  # checks shapes and counts
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -222,7 +226,7 @@ def _task_vectors(
                 del work
             elif kind == "outliers":
                 delta.mul_(_outlier_mask(delta, density, gamma))
-    _, w = _stack_weights([base] * len(tensors), weights)
+    w = _weights(tensors, weights)
     weighted = stacked.mul_(w)
     if consensus is not None:
         keep_sign = _sign_mask(weighted, consensus)
