@@ -4,6 +4,7 @@ combined model can rebuild them (``architecture="netmeld.zoo:small_cnn"``)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -89,7 +90,9 @@ class VGG(nn.Module):
             size //= 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels * size * size, hidden), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(channels * size * size, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
 
@@ -109,16 +112,20 @@ def vgg(
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 conv + BatchNorm shortcut where the shape changes."""
+    """ResNet basic block. Where the shape changes the shortcut is a 1x1 conv + BatchNorm
+    (``shortcut="conv"``, option B) or a strided identity padded with zero channels
+    (``shortcut="pad"``, option A of He et al. 2016, as in the widely shared CIFAR checkpoints)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "conv") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
+        self.shortcut: nn.Module = nn.Sequential()
+        if (stride != 1 or cin != cout) and shortcut == "pad":
+            self.shortcut = PadShortcut(cout - cin, stride)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
@@ -129,16 +136,38 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride``, pad ``extra`` zero channels (half each side)."""
+
+    def __init__(self, extra: int, stride: int) -> None:
+        super().__init__()
+        self.extra, self.stride = extra, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
 class CifarResNet(nn.Module):
     """The CIFAR ResNet of He et al. 2016 (ResNet-20 at ``depth=20``), ``width`` times as wide
-    (ZipIt!'s ResNet-20x4 is ``width=4``)."""
+    (ZipIt!'s ResNet-20x4 is ``width=4``). ``shortcut="pad"`` builds option A, whose tensors
+    match the popular pretrained CIFAR-10 ResNet-20/32/44/56 checkpoints (their ``linear`` is
+    our ``fc``)."""
 
     def __init__(
-        self, depth: int = 20, num_classes: int = 10, width: int = 1, in_channels: int = 3
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        width: int = 1,
+        in_channels: int = 3,
+        shortcut: str = "conv",
     ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2, got {depth}")
+        if shortcut not in ("conv", "pad"):
+            raise ValueError(f"shortcut must be 'conv' or 'pad', got {shortcut!r}")
         n = (depth - 2) // 6
         w = 16 * width
         self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
@@ -146,8 +175,10 @@ class CifarResNet(nn.Module):
         stages: list[nn.Module] = []
         cin = w
         for i, cout in enumerate((w, 2 * w, 4 * w)):
-            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i and not j) else 1)
-                      for j in range(n)]
+            blocks = [
+                BasicBlock(cin if j == 0 else cout, cout, 2 if (i and not j) else 1, shortcut)
+                for j in range(n)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.layer1, self.layer2, self.layer3 = stages
@@ -161,7 +192,11 @@ class CifarResNet(nn.Module):
 
 
 def resnet20(
-    num_classes: int = 10, width: int = 1, in_channels: int = 3, depth: int = 20
+    num_classes: int = 10,
+    width: int = 1,
+    in_channels: int = 3,
+    depth: int = 20,
+    shortcut: str = "conv",
 ) -> CifarResNet:
-    """Build a :class:`CifarResNet`."""
-    return CifarResNet(depth, num_classes, width, in_channels)
+    """Build a :class:`CifarResNet` (any ``depth`` = 6n + 2: 20, 32, 44, 56, ...)."""
+    return CifarResNet(depth, num_classes, width, in_channels, shortcut)
