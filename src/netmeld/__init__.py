@@ -5,7 +5,9 @@
 >>> netmeld.evaluate(model, (test_images, test_labels))
 """
 
+from netmeld import fusion
 from netmeld._version import __version__
+from netmeld.bridges import export_onnx, keras_member, keras_members, onnx_member
 from netmeld.combined import CombinedModel, load
 from netmeld.data import Data, load_data
 from netmeld.distill import distill
@@ -22,6 +24,7 @@ from netmeld.errors import (
 )
 from netmeld.evaluate import Report, compare, evaluate
 from netmeld.extend import extend
+from netmeld.fusion import fit, hierarchical, multitask, parallel
 from netmeld.meld import extract, meld
 from netmeld.members import Architecture, Member, Preprocessing
 from netmeld.methods import get_method, list_methods, register_method
@@ -47,14 +50,23 @@ __all__ = [
     "compare",
     "distill",
     "evaluate",
+    "export_onnx",
     "extend",
     "extract",
+    "fit",
+    "fusion",
     "get_method",
+    "hierarchical",
+    "keras_member",
+    "keras_members",
     "list_methods",
     "load",
     "load_data",
     "meld",
     "merge_members",
+    "multitask",
+    "onnx_member",
+    "parallel",
     "register_method",
     "zip_members",
 ]

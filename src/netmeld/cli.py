@@ -6,10 +6,11 @@ Errors are printed as one line (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +78,13 @@ def _cmd_meld(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _process_group() -> Iterator[int]:
+    """Join the process group torchrun describes in the environment; yields this rank."""
     import os
 
     import torch
 
-    from netmeld.recipe import run_distill_recipe
-
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():  # launched by torchrun
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -94,19 +92,72 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
+        yield torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from netmeld.recipe import run_distill_recipe
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    with _process_group() as rank:
         model = run_distill_recipe(
             args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume
         )
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:
             model.save(out, overwrite=args.overwrite)
             _console.print(
                 f"saved a student over {len(model.labels)} labels "
                 f"({model.num_parameters:,} parameters) to [bold]{out}[/bold]"
             )
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from netmeld.recipe import run_train_recipe
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    with _process_group() as rank:
+        model = run_train_recipe(
+            args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume
+        )
+        if rank == 0:
+            model.save(out, overwrite=args.overwrite)
+            params = model.method["params"]
+            extra = ""
+            if params.get("adapters"):
+                extra = f"; adapters: {', '.join(params['adapters'])}"
+            if params.get("learned_weights"):
+                weights = ", ".join(f"{k} {v:.2f}" for k, v in params["learned_weights"].items())
+                extra = f"; task weights: {weights}"
+            _console.print(
+                f"trained a {model.method['name']} model over {len(model.labels)} labels "
+                f"({model.num_parameters:,} parameters{extra}) and saved it to [bold]{out}[/bold]"
+            )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from netmeld.bridges import export_onnx
+    from netmeld.combined import load
+
+    model = load(args.model)
+    diff = export_onnx(model, args.onnx, opset=args.opset, overwrite=args.overwrite)
+    checked = (
+        f"; onnxruntime matches PyTorch within {diff:.1e}"
+        if diff is not None
+        else " (onnxruntime is not installed: not checked)"
+    )
+    _console.print(
+        f"exported {args.model} ({len(model.labels)} labels, dynamic batch, opset {args.opset}) "
+        f"to [bold]{args.onnx}[/bold]{checked}"
+    )
     return 0
 
 
@@ -394,6 +445,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser(
+        "train",
+        help="build and train a fusion architecture (parallel, hierarchical, multi-task)",
+        description="Build the fused network of RECIPE.yaml (build: parallel | hierarchical | "
+        "multitask, from trained members or fresh architectures, with frozen parts) and train "
+        "it on labeled data through the shared engine: CPU or GPU, torchrun for several GPUs "
+        "or machines (DDP), a checkpoint every epoch with --checkpoint-dir, --resume after a "
+        "kill.",
+    )
+    p.add_argument(
+        "recipe",
+        help="the YAML training recipe (build, branches | first/second | trunk/tasks, labels, "
+        "freeze, data, schedule)",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder to write the trained model to")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "export",
+        help="export a saved combined model to ONNX",
+        description="Write MODEL (a netmeld model folder) as ONNX with a dynamic batch size, "
+        "then run it with onnxruntime on random inputs and compare with PyTorch (an error "
+        "above 1e-4).",
+    )
+    p.add_argument("model", help="a netmeld model folder (netmeld.json + model.safetensors)")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "merge-weights",

@@ -45,18 +45,38 @@ class PreprocessingSpec(BaseModel):
     columns: tuple[int | str, ...] | None = None
 
 
+_BRIDGED = (".keras", ".h5", ".hdf5", ".onnx")
+
+
 class MemberSpec(BaseModel):
-    """One member: a checkpoint, the architecture that reads it, its labels, its input."""
+    """One member: a checkpoint, the architecture that reads it, its labels, its input.
+
+    A Keras (``.keras``, ``.h5``) or ONNX (``.onnx``) file needs no architecture (and its input
+    shape comes from the file unless ``preprocessing`` is given); ``output`` picks one output of
+    a multi-output Keras model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = None
     checkpoint: str
-    architecture: str
+    architecture: str | None = None
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     labels: list[str] | str
-    preprocessing: PreprocessingSpec
+    preprocessing: PreprocessingSpec | None = None
     head: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MemberSpec:
+        bridged = self.checkpoint.lower().endswith(_BRIDGED)
+        if not bridged and (self.architecture is None or self.preprocessing is None):
+            raise ValueError(
+                f"member {self.checkpoint!r}: a checkpoint needs 'architecture' and "
+                "'preprocessing' (Keras and ONNX files carry them)"
+            )
+        if self.output is not None and not self.checkpoint.lower().endswith(_BRIDGED[:3]):
+            raise ValueError(f"member {self.checkpoint!r}: 'output' is for Keras models")
+        return self
 
 
 class MergeSpec(BaseModel):
@@ -155,25 +175,37 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def load_member(spec: MemberSpec, base: Path) -> Member:
+    """Load one member of a recipe: a checkpoint, a Keras file or an ONNX file."""
+    labels: Any = spec.labels
+    if isinstance(labels, str):
+        labels = _resolve(base, labels)
+    path = _resolve(base, spec.checkpoint)
+    pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        from netmeld.bridges import keras_member
+
+        return keras_member(path, labels, name=spec.name, output=spec.output, preprocessing=pre)
+    if suffix == ".onnx":
+        from netmeld.bridges import onnx_member
+
+        return onnx_member(path, labels, name=spec.name, preprocessing=pre)
+    assert spec.architecture is not None and pre is not None
+    return Member.from_checkpoint(
+        path,
+        spec.architecture,
+        labels,
+        name=spec.name,
+        preprocessing=pre,
+        architecture_kwargs=spec.architecture_kwargs,
+        head=spec.head,
+    )
+
+
 def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
     """Load the recipe's members from their checkpoints."""
-    members = []
-    for spec in recipe.members:
-        labels: Any = spec.labels
-        if isinstance(labels, str):
-            labels = _resolve(base, labels)
-        members.append(
-            Member.from_checkpoint(
-                _resolve(base, spec.checkpoint),
-                spec.architecture,
-                labels,
-                name=spec.name,
-                preprocessing=Preprocessing(**spec.preprocessing.model_dump()),
-                architecture_kwargs=spec.architecture_kwargs,
-                head=spec.head,
-            )
-        )
-    return members
+    return [load_member(spec, base) for spec in recipe.members]
 
 
 def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
@@ -384,3 +416,192 @@ def run_distill_recipe(
         seed=recipe.seed,
         progress=progress,
     )
+
+
+# -- netmeld train ----------------------------------------------------------------------------
+
+
+class PartSpec(BaseModel):
+    """A part of a fused network: a trained member, or a fresh architecture (head dropped)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    member: MemberSpec | None = None
+    architecture: str | None = None
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PartSpec:
+        if (self.member is None) == (self.architecture is None):
+            raise ValueError("a part is either 'member: {...}' or 'architecture: SPEC'")
+        return self
+
+
+class TrainRecipe(BaseModel):
+    """A ``netmeld train`` recipe: a fusion architecture, its parts, labeled data, a schedule.
+
+    ``build: parallel`` takes ``branches`` (and ``fuse``, ``dim``, ``inputs``);
+    ``hierarchical`` takes ``first`` and ``second`` (and ``cut``, ``second_input_shape``,
+    ``adapt``); ``multitask`` takes ``trunk`` and ``tasks`` (and ``weighting``,
+    ``loss_weights``, ``alpha``); its ``data`` maps each task to a folder or CSV.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    build: Literal["parallel", "hierarchical", "multitask"]
+    branches: list[PartSpec] | None = None
+    first: PartSpec | None = None
+    second: PartSpec | None = None
+    trunk: PartSpec | None = None
+    labels: list[str] | str | None = None
+    fuse: Literal["concat", "sum", "attention", "gating"] = "concat"
+    dim: int | None = None
+    inputs: dict[str, list[int]] | None = None
+    cut: str | None = None
+    second_input_shape: tuple[int, ...] | None = None
+    adapt: Literal["auto", "none"] = "auto"
+    tasks: dict[str, list[str]] | None = None
+    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    loss_weights: dict[str, float] | None = None
+    alpha: float = 1.5
+    input_shape: tuple[int, ...] | None = None
+    freeze: list[str] = Field(default_factory=list)
+    data: str | dict[str, str]
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainRecipe:
+        needs = {
+            "parallel": ("branches",),
+            "hierarchical": ("first", "second"),
+            "multitask": ("trunk", "tasks"),
+        }[self.build]
+        for key in needs:
+            if getattr(self, key) is None:
+                raise ValueError(f"build {self.build!r} needs '{key}'")
+        others = {"branches", "first", "second", "trunk", "tasks"} - set(needs)
+        for key in sorted(others):
+            if getattr(self, key) is not None:
+                raise ValueError(f"build {self.build!r} takes no '{key}'")
+        if self.build == "multitask" and not isinstance(self.data, dict):
+            raise ValueError("multitask 'data' maps each task to a folder or CSV")
+        if self.build != "multitask" and isinstance(self.data, dict):
+            raise ValueError(f"build {self.build!r}: 'data' is one folder or CSV")
+        if isinstance(self.data, dict) and self.tasks is not None:
+            unknown = sorted(set(self.data) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"data names unknown tasks {unknown}; tasks: {list(self.tasks)}")
+        return self
+
+
+def read_train_recipe(path: str | Path) -> tuple[TrainRecipe, Path]:
+    """Parse and validate a ``netmeld train`` recipe (paths relative to its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return TrainRecipe.model_validate(raw), path.parent
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+
+
+def _part(spec: PartSpec, base: Path) -> Any:
+    from netmeld.members import Architecture
+
+    if spec.member is not None:
+        return load_member(spec.member, base)
+    assert spec.architecture is not None
+    return Architecture.parse(spec.architecture, spec.architecture_kwargs)
+
+
+def run_train_recipe(
+    path: str | Path,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> Any:
+    """Read a ``netmeld train`` recipe, build the fused model and train it."""
+    from netmeld import fusion
+    from netmeld.data import Data, load_data
+    from netmeld.engine import TrainConfig
+
+    recipe, base = read_train_recipe(path)
+    labels: Any = recipe.labels
+    if isinstance(labels, str):
+        from netmeld.members import read_labels
+
+        labels = list(read_labels(_resolve(base, labels)))
+    if recipe.build == "parallel":
+        assert recipe.branches is not None
+        named = {}
+        for i, b in enumerate(recipe.branches):
+            part = _part(b, base)
+            name = b.name or (part.name if isinstance(part, Member) else f"b{i}")
+            if name in named:
+                raise RecipeError(f"recipe {str(path)!r}: two branches are named {name!r}")
+            named[name] = part
+        model = fusion.parallel(
+            named,
+            labels,
+            fuse=recipe.fuse,
+            dim=recipe.dim,
+            inputs=recipe.inputs,
+            input_shape=recipe.input_shape,
+            freeze=recipe.freeze,
+        )
+    elif recipe.build == "hierarchical":
+        assert recipe.first is not None and recipe.second is not None
+        model = fusion.hierarchical(
+            _part(recipe.first, base),
+            _part(recipe.second, base),
+            labels,
+            cut=recipe.cut,
+            second_input_shape=recipe.second_input_shape,
+            adapt=recipe.adapt,
+            input_shape=recipe.input_shape,
+            freeze=recipe.freeze,
+        )
+    else:
+        assert recipe.trunk is not None and recipe.tasks is not None
+        model = fusion.multitask(
+            _part(recipe.trunk, base),
+            recipe.tasks,
+            weighting=recipe.weighting,
+            loss_weights=recipe.loss_weights,
+            alpha=recipe.alpha,
+            input_shape=recipe.input_shape,
+            freeze=recipe.freeze,
+        )
+    if isinstance(recipe.data, dict):
+        xs: list[Any] = []
+        ys: list[str] = []
+        for task, source in recipe.data.items():
+            part_data = load_data(
+                _resolve(base, source), model.input_shape, require_labels=True, what=task
+            )
+            assert part_data.labels is not None
+            xs.append(part_data.inputs)
+            ys.extend(f"{task}/{label}" for label in part_data.labels)
+        import torch
+
+        data: Any = Data(torch.cat(xs), ys, "tasks")
+    else:
+        data = _resolve(base, recipe.data)
+    s = recipe.schedule
+    config = TrainConfig(
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=s.warmup_steps,
+        seed=recipe.seed,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    return fusion.fit(model, data, config=config, seed=recipe.seed, progress=progress)

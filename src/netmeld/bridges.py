@@ -1,0 +1,441 @@
+"""Members from Keras 3 models (``.keras`` and legacy ``.h5``) and from ONNX files, and the
+export of any combined model to ONNX.
+
+**Keras.** Under ``KERAS_BACKEND=torch`` a ``keras.Model`` is a ``torch.nn.Module`` whose
+weights are torch parameters. :func:`keras_member` wraps one as a classifier that reads
+netmeld's ``(N, C, H, W)`` images (it feeds Keras ``(N, H, W, C)``), and replaces the output
+``Dense`` layer (softmax or not) by an ``nn.Linear`` with the same weights that returns logits.
+The member rebuilds from the model's JSON config, so a saved combined model needs no Keras file
+and no pickle. A model with several inputs of one shape gets the image on each; a model with
+several outputs gives one member per output (:func:`keras_members`); they share their trunk.
+
+**ONNX.** :func:`onnx_member` converts the graph with ``onnx2torch``; a final ``Softmax`` is cut
+off so the member returns logits. A saved combined model stores the graph without its weights
+(those go to the safetensors file).
+
+**Export.** :func:`export_onnx` writes any combined model as ONNX (opset 17, dynamic batch) and
+checks it with onnxruntime against PyTorch.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netmeld.errors import DataError, MemberError, ModelFileError
+from netmeld.members import Architecture, Member, Preprocessing, read_labels
+
+# -- Keras ------------------------------------------------------------------------------------
+
+
+def _keras() -> Any:
+    wanted = os.environ.setdefault("KERAS_BACKEND", "torch")
+    if wanted != "torch":
+        raise MemberError(
+            f"Keras members need KERAS_BACKEND=torch (it is {wanted!r}); set it before Python "
+            "imports keras"
+        )
+    try:
+        import keras
+    except ImportError as exc:
+        raise MemberError("Keras members need Keras 3: pip install 'netmeld[keras]'") from exc
+    if keras.backend.backend() != "torch":
+        raise MemberError(
+            f"keras was imported with the {keras.backend.backend()!r} backend; Keras members "
+            "need KERAS_BACKEND=torch, set before Python imports keras"
+        )
+    return keras
+
+
+def _producer(tensor: Any) -> Any:
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        raise MemberError(
+            "the Keras model is not functional (no layer graph); use a functional "
+            "or Sequential model"
+        )
+    return history[0]
+
+
+def _output_dense(keras: Any, model: Any, output: str | int | None) -> Any:
+    """The ``Dense`` layer that produces ``output`` (through a softmax/activation layer)."""
+    outputs = list(model.outputs)
+    if output is None:
+        if len(outputs) != 1:
+            names = [_producer(o).name for o in outputs]
+            raise MemberError(
+                f"the Keras model has {len(outputs)} outputs {names}; pick one with output= "
+                "(or use keras_members for all)"
+            )
+        tensor = outputs[0]
+    elif isinstance(output, int):
+        if not 0 <= output < len(outputs):
+            raise MemberError(f"output {output}: the Keras model has {len(outputs)} outputs")
+        tensor = outputs[output]
+    else:
+        by_name = {_producer(o).name: o for o in outputs}
+        if output not in by_name:
+            raise MemberError(f"output {output!r}: the Keras model's outputs are {list(by_name)}")
+        tensor = by_name[output]
+    layer = _producer(tensor)
+    while isinstance(layer, (keras.layers.Activation, keras.layers.Softmax)):
+        layer = _producer(layer.input)
+    if not isinstance(layer, keras.layers.Dense):
+        raise MemberError(
+            f"the Keras output {layer.name!r} is a {type(layer).__name__}; netmeld needs a Dense "
+            "layer (optionally followed by an activation) as the classifier"
+        )
+    return layer
+
+
+class KerasClassifier(nn.Module):
+    """A Keras 3 functional model as a PyTorch classifier returning logits.
+
+    ``body`` is the Keras model up to the output ``Dense`` layer's input; ``fc`` is that layer as
+    an ``nn.Linear``. Images arrive as ``(N, C, H, W)`` and are fed to Keras as ``(N, H, W, C)``.
+    """
+
+    def __init__(self, config: str, output: str | None = None, num_classes: int | None = None):
+        super().__init__()
+        keras = _keras()
+        model = keras.models.model_from_json(config)
+        self._bind(keras, model, output, num_classes)
+
+    def _bind(self, keras: Any, model: Any, output: str | int | None, num_classes: int | None):
+        dense = _output_dense(keras, model, output)
+        shapes = [tuple(i.shape[1:]) for i in model.inputs]
+        if any(None in s for s in shapes) or len(set(shapes)) != 1:
+            raise MemberError(
+                f"the Keras model's inputs have shapes {shapes}; netmeld feeds one input of a "
+                "fixed shape to each of them"
+            )
+        self.n_inputs = len(shapes)
+        self.keras_input_shape = shapes[0]
+        self.output_name = dense.name
+        body = keras.Model(model.inputs, dense.input)
+        self.body = body
+        kernel = dense.kernel.value.detach()
+        self.fc = nn.Linear(kernel.shape[0], kernel.shape[1], bias=dense.use_bias)
+        if num_classes is not None and num_classes != kernel.shape[1]:
+            raise MemberError(
+                f"the Keras output {dense.name!r} has {kernel.shape[1]} units, "
+                f"{num_classes} labels given"
+            )
+        with torch.no_grad():
+            self.fc.weight.copy_(kernel.T)
+            if dense.use_bias:
+                self.fc.bias.copy_(dense.bias.value.detach())
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The input shape netmeld sees: ``(C, H, W)`` for Keras' ``(H, W, C)`` images."""
+        s = self.keras_input_shape
+        return (s[2], s[0], s[1]) if len(s) == 3 else s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1)
+        inputs = [x] * self.n_inputs if self.n_inputs > 1 else x
+        features = self.body(inputs, training=self.training)
+        return self.fc(features.flatten(1))
+
+
+def keras_classifier(
+    config: str, output: str | None = None, num_classes: int | None = None
+) -> KerasClassifier:
+    """Rebuild a :class:`KerasClassifier` with fresh weights from a Keras JSON config."""
+    return KerasClassifier(config, output, num_classes)
+
+
+def _load_keras_model(path: str | Path) -> Any:
+    keras = _keras()
+    path = Path(path)
+    if not path.is_file():
+        raise MemberError(f"Keras model {str(path)!r}: no such file")
+    if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
+        raise MemberError(f"Keras model {str(path)!r}: expected a .keras or .h5 file")
+    try:
+        # safe_mode (the default) refuses Lambda layers' pickled code.
+        return keras.models.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:
+        raise MemberError(f"Keras model {str(path)!r} could not be read: {exc}") from exc
+
+
+def keras_member(
+    model: Any,
+    labels: Sequence[str] | str | Path,
+    *,
+    name: str | None = None,
+    output: str | int | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+) -> Member:
+    """A member from a Keras 3 model: a ``keras.Model`` or a ``.keras``/``.h5`` file path.
+
+    ``output`` picks one output of a multi-output model (its layer name or index).
+    ``preprocessing`` defaults to the model's input shape with no normalisation (a Keras model
+    usually rescales inside, e.g. with a ``Rescaling`` layer); netmeld's ``[0, 1]`` images are
+    passed as they are.
+    """
+    keras = _keras()
+    source = str(model) if isinstance(model, (str, Path)) else None
+    if source is not None:
+        model = _load_keras_model(source)
+    if not isinstance(model, keras.Model):
+        raise MemberError(
+            f"expected a keras.Model or a .keras/.h5 path, got {type(model).__name__}"
+        )
+    label_names = read_labels(labels)
+    module = KerasClassifier.__new__(KerasClassifier)
+    nn.Module.__init__(module)
+    try:
+        module._bind(keras, model, output, len(label_names))
+    except MemberError as exc:
+        raise MemberError(f"{source or 'Keras model'}: {exc}") from exc
+    config = model.to_json()
+    if preprocessing is None:
+        preprocessing = Preprocessing(input_shape=module.input_shape)
+    return Member(
+        module,
+        label_names,
+        name=name or (Path(source).stem if source else model.name).replace(".", "-"),
+        preprocessing=preprocessing,
+        architecture=Architecture(
+            "netmeld.bridges:keras_classifier", {"config": config, "output": module.output_name}
+        ),
+        head="fc",
+    )
+
+
+def keras_members(
+    model: Any,
+    labels: Mapping[str, Sequence[str]],
+    *,
+    name: str | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+) -> list[Member]:
+    """One member per output of a multi-output Keras model (``labels``: output name -> labels).
+
+    The members share the Keras trunk's weights, so a combined model runs it once.
+    """
+    keras = _keras()
+    if isinstance(model, (str, Path)):
+        stem = Path(model).stem
+        model = _load_keras_model(model)
+    else:
+        stem = model.name
+    if not isinstance(model, keras.Model):
+        raise MemberError(
+            f"expected a keras.Model or a .keras/.h5 path, got {type(model).__name__}"
+        )
+    return [
+        keras_member(
+            model,
+            output_labels,
+            name=f"{name or stem}-{output}".replace(".", "-"),
+            output=output,
+            preprocessing=preprocessing,
+        )
+        for output, output_labels in labels.items()
+    ]
+
+
+# -- ONNX -------------------------------------------------------------------------------------
+
+
+def _onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnx2torch
+    except ImportError as exc:
+        raise MemberError(
+            "ONNX members need onnx and onnx2torch: pip install 'netmeld[onnx]'"
+        ) from exc
+    return onnx, onnx2torch
+
+
+def _cut_softmax(onnx: Any, proto: Any) -> bool:
+    """Make the graph output the input of a final Softmax/LogSoftmax; whether it cut one."""
+    graph = proto.graph
+    if len(graph.output) != 1:
+        raise MemberError(f"the ONNX graph has {len(graph.output)} outputs; netmeld needs one")
+    out = graph.output[0].name
+    final = [n for n in graph.node if out in n.output]
+    if not final or final[0].op_type not in ("Softmax", "LogSoftmax"):
+        return False
+    node = final[0]
+    graph.node.remove(node)
+    graph.output[0].name = node.input[0]
+    return True
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _strip_weights(onnx: Any, proto: Any) -> str:
+    """The graph, base64, with floating-point initializers' values dropped (their shapes and
+    types kept; integer ones, such as reshape targets, are small and stay)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for init in copy.graph.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            for field in ("raw_data", "float_data", "double_data", "int32_data"):
+                init.ClearField(field)
+            init.ClearField("raw_data")
+            init.raw_data = b""
+    return base64.b64encode(copy.SerializeToString()).decode("ascii")
+
+
+def onnx_module(graph: str, num_classes: int | None = None) -> nn.Module:
+    """Rebuild an ONNX member's module (fresh, zero weights) from its stored graph."""
+    onnx, onnx2torch = _onnx()
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(base64.b64decode(graph))
+    filled = []
+    for init in proto.graph.initializer:
+        if init.data_type not in _FLOAT_TYPES:
+            filled.append(init)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        filled.append(numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=dtype), init.name))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(filled)
+    return onnx2torch.convert(proto)
+
+
+def onnx_member(
+    path: str | Path,
+    labels: Sequence[str] | str | Path,
+    *,
+    name: str | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+) -> Member:
+    """A member from an ``.onnx`` classifier (converted with onnx2torch; a final softmax is cut
+    so it returns logits). ``preprocessing`` defaults to the graph's input shape, no
+    normalisation."""
+    onnx, onnx2torch = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise MemberError(f"ONNX model {str(path)!r}: no such file")
+    try:
+        proto = onnx.load(str(path))
+        _cut_softmax(onnx, proto)
+        module = onnx2torch.convert(proto)
+    except MemberError as exc:
+        raise MemberError(f"ONNX model {str(path)!r}: {exc}") from exc
+    except Exception as exc:
+        raise MemberError(f"ONNX model {str(path)!r} could not be converted: {exc}") from exc
+    if preprocessing is None:
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        shape = tuple(int(d.dim_value) for d in dims[1:])
+        if not shape or any(s <= 0 for s in shape):
+            raise MemberError(
+                f"ONNX model {str(path)!r}: its input shape is not fixed ({shape}); pass "
+                "preprocessing={'input_shape': ...}"
+            )
+        preprocessing = Preprocessing(input_shape=shape)
+    return Member(
+        module,
+        labels,
+        name=name or path.stem.replace(".", "-"),
+        preprocessing=preprocessing,
+        architecture=Architecture(
+            "netmeld.bridges:onnx_module", {"graph": _strip_weights(onnx, proto)}
+        ),
+    )
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    overwrite: bool = False,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> float | None:
+    """Write ``model`` (a combined model) as ONNX with a dynamic batch size, atomically.
+
+    With ``check`` (and onnxruntime installed) the file is run on random inputs of batch sizes 1
+    and 3 and compared with PyTorch; the largest absolute difference is returned, and above
+    ``atol`` it is an error.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    input_shape = tuple(getattr(model, "input_shape", ()))
+    if not input_shape:
+        raise DataError("export needs a model with an input_shape")
+    model = model.eval()
+    example = torch.rand(2, *input_shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                opset_version=opset,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        except Exception as exc:
+            raise ModelFileError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
+        diff = _check_onnx(model, tmp, input_shape) if check else None
+        if diff is not None and diff > atol:
+            raise ModelFileError(
+                f"the exported ONNX model differs from PyTorch by {diff:.2e} (> {atol:g})"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+def _check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 3):
+        x = torch.rand(batch, *input_shape, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise ModelFileError(
+                f"the exported ONNX model returns shape {got.shape}, PyTorch {expected.shape}"
+            )
+        worst = max(worst, float(abs(got - expected).max()))
+    return worst
+
+
+__all__ = [
+    "KerasClassifier",
+    "export_onnx",
+    "keras_classifier",
+    "keras_member",
+    "keras_members",
+    "onnx_member",
+    "onnx_module",
+]

@@ -1,0 +1,246 @@
+"""Fusion builders: parallel, hierarchical and multi-task networks; freezing; training; saving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import netmeld
+from netmeld import fusion
+from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
+from netmeld.scenarios import load_digits_images
+from netmeld.zoo import small_cnn
+
+FRESH = netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 1, "width": 8, "blocks": 2})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits_images()
+    labels = [str(int(v)) for v in y]
+    return (x[:1200], labels[:1200]), (x[1200:], labels[1200:])
+
+
+def _accuracy(model: netmeld.CombinedModel, data) -> float:
+    x, labels = data
+    return sum(p == t for p, t in zip(model.predict(x), labels, strict=True)) / len(labels)
+
+
+def _state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("fuse", fusion.FUSIONS)
+def test_parallel_fuses_the_members_union_and_keeps_frozen_parts(digits2, digits, fuse, tmp_path):
+    a, b = digits2.members
+    model = fusion.parallel([a, b], fuse=fuse, freeze=[a.name])
+    assert model.labels == list(a.labels) + list(b.labels)
+    x = digits[1][0][:5]
+    assert model(x).shape == (5, 10)
+    net = model.members[0].module
+    frozen, trained = _state(net, f"branches.{a.name}"), _state(net, f"branches.{b.name}")
+    assert any("running_mean" in k for k in frozen)  # BatchNorm statistics are checked too
+    out = fusion.fit(model, digits[0], epochs=8, lr=1e-2, progress=False)
+    after = out.members[0].module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, after[k]) for k, v in trained.items())
+    # each branch's member alone knows half the digits (at most ~50 %)
+    assert _accuracy(out, digits[1]) > 0.75
+    assert out.method["name"] == "parallel" and out.method["params"]["fuse"] == fuse
+    out.save(tmp_path / "m")
+    again = netmeld.load(tmp_path / "m")
+    assert torch.equal(again(x), out(x))
+
+
+def test_fit_leaves_the_model_given_unchanged(digits2, digits):
+    model = fusion.parallel(digits2.members)
+    before = _state(model.members[0].module, "")
+    fusion.fit(model, digits[0], epochs=1, progress=False)
+    after = model.members[0].module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_parallel_branches_read_their_own_inputs():
+    torch.manual_seed(0)
+    model = fusion.parallel(
+        {"a": FRESH, "b": FRESH},
+        ["x", "y"],
+        inputs={"a": [0], "b": [1]},
+        input_shape=(2, 8, 8),
+    )
+    net = model.members[0].module
+    x = torch.rand(4, 2, 8, 8)
+    changed = x.clone()
+    changed[:, 1] = torch.rand(4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net.branches["a"](x), net.branches["a"](changed))
+        assert not torch.allclose(net.branches["b"](x), net.branches["b"](changed))
+    with pytest.raises(IncompatibleMembersError, match="unknown branches"):
+        fusion.parallel({"a": FRESH}, ["x"], inputs={"c": [0]}, input_shape=(1, 8, 8))
+
+
+def test_freeze_names_a_block_or_says_what_exists(digits2):
+    a, b = digits2.members
+    model = fusion.parallel([a, b], freeze=[f"{a.name}.features.0"])
+    net = model.members[0].module
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(f"branches.{a.name}.body.features.0") for n in frozen)
+    with pytest.raises(MemberError, match="parts"):
+        fusion.parallel([a, b], freeze=["nope"])
+
+
+def test_hierarchical_adapts_mismatched_shapes_and_reports_it(digits, tmp_path):
+    torch.manual_seed(0)
+    first = netmeld.Member(
+        small_cnn(num_classes=10, in_channels=1, width=8, blocks=2),
+        [str(i) for i in range(10)],
+        name="first",
+        preprocessing={"input_shape": (1, 8, 8)},
+        architecture=FRESH,
+    )
+    labels = [str(i) for i in range(10)]
+    second = netmeld.Architecture(
+        "netmeld.zoo:small_cnn", {"in_channels": 3, "width": 8, "blocks": 2}
+    )
+    model = fusion.hierarchical(
+        first, second, labels, cut="features.3", second_input_shape=(3, 6, 6), freeze=["first"]
+    )
+    params = model.method["params"]
+    assert params["first_features"] == [8, 4, 4] and params["second_input"] == [3, 6, 6]
+    assert params["adapters"] == ["1x1 conv 8 -> 3 channels", "bilinear resize 4x4 -> 6x6"]
+    x = digits[1][0][:4]
+    assert model(x).shape == (4, 10)
+    frozen = _state(model.members[0].module, "first.")
+    out = fusion.fit(model, digits[0], epochs=2, lr=3e-3, progress=False)
+    after = out.members[0].module.state_dict()
+    assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items())
+    out.save(tmp_path / "h")
+    assert torch.equal(netmeld.load(tmp_path / "h")(x), out(x))
+    with pytest.raises(IncompatibleMembersError, match=r"\(8, 4, 4\).*\(3, 6, 6\)"):
+        fusion.hierarchical(
+            first, second, labels, cut="features.3", second_input_shape=(3, 6, 6), adapt="none"
+        )
+    with pytest.raises(IncompatibleMembersError, match=r"\(16,\).*\(3, 6, 6\)"):
+        fusion.hierarchical(first, second, labels, second_input_shape=(3, 6, 6))
+    with pytest.raises(MemberError, match="no submodule 'nope'"):
+        fusion.hierarchical(first, second, labels, cut="nope", second_input_shape=(3, 6, 6))
+
+
+def test_hierarchical_vectors_get_a_linear_projection():
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12))
+    second = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(20, 3))
+    model = fusion.hierarchical(
+        first, second, ["a", "b", "c"], input_shape=(1, 8, 8), second_input_shape=(20,)
+    )
+    assert model.method["params"]["adapters"] == ["linear projection 12 -> 20 features"]
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+
+
+def _two_tasks(data):
+    """Digits as two tasks on different examples: the digit, and whether it is >= 5."""
+    x, labels = data
+    tagged = [
+        f"digit/{y}" if i % 2 == 0 else f"big/{'yes' if int(y) >= 5 else 'no'}"
+        for i, y in enumerate(labels)
+    ]
+    return x, tagged
+
+
+@pytest.mark.parametrize("weighting", fusion.WEIGHTINGS)
+def test_multitask_heads_label_map_and_weighting(digits, weighting, tmp_path):
+    torch.manual_seed(0)
+    tasks = {"digit": [str(i) for i in range(10)], "big": ["no", "yes"]}
+    model = fusion.multitask(
+        FRESH, tasks, weighting=weighting, input_shape=(1, 8, 8), loss_weights={"digit": 1.0}
+    )
+    assert model.labels[:2] == ["digit/0", "digit/1"] and model.labels[-2:] == ["big/no", "big/yes"]
+    x = digits[1][0][:3]
+    assert model(x).shape == (3, 12)
+    assert fusion.task_slices(model) == {"digit": slice(0, 10), "big": slice(10, 12)}
+    out = fusion.fit(model, _two_tasks(digits[0]), epochs=10, lr=1e-2, progress=False)
+    acc = fusion.task_accuracy(out, _two_tasks(digits[1]))
+    assert acc["digit"] > 0.5 and acc["big"] > 0.7, acc  # chance: 0.1 and 0.5
+    learned = out.method["params"]["learned_weights"]
+    if weighting == "fixed":
+        assert learned == {"digit": 1.0, "big": 1.0}
+    else:
+        assert learned["digit"] != 1.0 and learned["big"] != 1.0
+    out.save(tmp_path / "mt")
+    assert torch.equal(netmeld.load(tmp_path / "mt")(x), out(x))
+
+
+def test_multitask_errors():
+    with pytest.raises(LabelError, match="unknown tasks"):
+        fusion.multitask(FRESH, {"a": ["x"]}, loss_weights={"b": 1.0}, input_shape=(1, 8, 8))
+    model = fusion.multitask(FRESH, {"a": ["x", "y"]}, input_shape=(1, 8, 8))
+    with pytest.raises(LabelError, match="'task/label'"):
+        fusion.fit(model, (torch.rand(2, 1, 8, 8), ["x", "a/y"]), epochs=1, progress=False)
+    with pytest.raises(MemberError, match="weighting"):
+        fusion.multitask(FRESH, {"a": ["x"]}, weighting="nope", input_shape=(1, 8, 8))
+
+
+def test_fit_refuses_other_models_and_unknown_labels(digits2, digits):
+    with pytest.raises(MemberError, match="method is 'concat'"):
+        fusion.fit(netmeld.meld(digits2.members, "concat"), digits[0], progress=False)
+    model = fusion.parallel({"a": FRESH}, ["0", "1"], input_shape=(1, 8, 8))
+    with pytest.raises(LabelError, match="does not know"):
+        fusion.fit(model, digits[0], epochs=1, progress=False)
+
+
+def test_unsaveable_plain_modules_say_how_to_fix_it():
+    model = fusion.parallel({"a": torch.nn.Flatten()}, ["x", "y"], input_shape=(1, 8, 8))
+    with pytest.raises(netmeld.ModelFileError, match="architecture="):
+        model.save("unused")
+
+
+def test_netmeld_train_recipe_and_export(digits2, digits, tmp_path):
+    from PIL import Image
+
+    from netmeld.cli import main
+
+    a = digits2.members[0]
+    save_file(a.module.state_dict(), str(tmp_path / "a.safetensors"))
+    x, labels = digits[0]
+    for i, (img, label) in enumerate(zip(x[:300], labels[:300], strict=True)):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).round().astype("uint8")).save(folder / f"{i}.png")
+    recipe = {
+        "build": "parallel",
+        "branches": [
+            {
+                "name": "a",
+                "member": {
+                    "checkpoint": "a.safetensors",
+                    "architecture": "netmeld.zoo:small_cnn",
+                    "architecture_kwargs": {"in_channels": 1, "width": 16, "blocks": 2},
+                    "labels": list(a.labels),
+                    "preprocessing": {"input_shape": [1, 8, 8], "mean": [0.3], "std": [0.4]},
+                },
+            },
+            {"name": "fresh", "architecture": FRESH.spec, "architecture_kwargs": FRESH.kwargs},
+        ],
+        "labels": [str(i) for i in range(10)],
+        "fuse": "gating",
+        "freeze": ["a"],
+        "data": "train",
+        "schedule": {"epochs": 2, "batch_size": 32, "lr": 0.003},
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "model"
+    assert main(["train", str(tmp_path / "train.yaml"), "-o", str(out)]) == 0
+    model = netmeld.load(out)
+    assert model.method["name"] == "parallel" and model.labels == recipe["labels"]
+    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    probe = digits[1][0][:7]
+    got = session.run(None, {"input": probe.numpy()})[0]
+    assert abs(got - model(probe).detach().numpy()).max() <= 1e-4
+    bad = dict(recipe, build="hierarchical")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["train", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "bad")]) != 0
