@@ -90,7 +90,7 @@ class Ensemble(Combiner):
     def mean_probs(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean of member probabilities ``(N, sum K_m)`` over the union ``(N, K)``."""
         w = weights[self.owner]
-        num = probs.new_zeros(len(probs), self.union_size).index_add(1, self.place, probs * w)
+        num = probs.new_zeros(probs.shape[0], self.union_size).index_add(1, self.place, probs * w)
         if self.unknown == "renormalize":
             den = w.new_zeros(self.union_size).index_add(0, self.place, w)
             p = num / den.clamp_min(1e-12)
@@ -104,8 +104,8 @@ class Ensemble(Combiner):
         if self.mode == "mean":
             return self.mean_probs(probs, weights)
         if self.mode == "max":
-            index = self.place.expand(len(probs), -1)
-            p = probs.new_zeros(len(probs), self.union_size).scatter_reduce(
+            index = self.place.expand(probs.shape[0], -1)
+            p = probs.new_zeros(probs.shape[0], self.union_size).scatter_reduce(
                 1, index, probs, reduce="amax", include_self=True
             )
             return p / p.sum(1, keepdim=True).clamp_min(1e-12)
@@ -114,7 +114,7 @@ class Ensemble(Combiner):
         for z in logits:
             votes.append(F.one_hot(z.argmax(dim=1), z.shape[1]).to(probs.dtype))
         onehot = torch.cat(votes, dim=1) * weights[self.owner]
-        counts = probs.new_zeros(len(probs), self.union_size).index_add(1, self.place, onehot)
+        counts = probs.new_zeros(probs.shape[0], self.union_size).index_add(1, self.place, onehot)
         counts = counts / weights.sum().clamp_min(1e-12)
         p = counts + 1e-3 * self.mean_probs(probs, weights)
         return p / p.sum(1, keepdim=True)

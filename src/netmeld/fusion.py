@@ -213,6 +213,13 @@ class FusedNet(nn.Module):
                 p.requires_grad_(False)
             self.frozen.append(prefix)
 
+    def refreeze(self) -> None:
+        """Apply the freezing again (a deep copy of a Keras part makes its weights trainable)."""
+        for prefix in self.frozen:
+            for name, p in self.named_parameters():
+                if name.startswith(prefix + "."):
+                    p.requires_grad_(False)
+
     def part_names(self) -> list[str]:
         return []
 
@@ -874,6 +881,7 @@ def fit(
     member = model.members[0]
     net = copy.deepcopy(member.module)
     assert isinstance(net, FusedNet)
+    net.refreeze()
     loaded = load_data(data, model.input_shape, require_labels=True, what="training data")
     assert loaded.labels is not None
     cfg = config or TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

@@ -1,0 +1,229 @@
+"""Keras and ONNX members, and ONNX export of every kind of combined model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import pytest
+import torch
+
+import netmeld
+from netmeld import bridges, fusion
+from netmeld.errors import MemberError, ModelFileError
+from netmeld.zoo import small_cnn
+
+S = 16  # image size of the forum's models here
+
+
+def _keras():
+    import keras
+
+    assert keras.backend.backend() == "torch"
+    keras.utils.set_random_seed(0)
+    return keras
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    x = rng.random((96, S, S, 1)).astype("float32")
+    return x, rng.integers(0, 10, 96), rng.integers(0, 5, 96)
+
+
+@pytest.fixture(scope="module")
+def forum(tmp_path_factory, images):
+    """The forum's three Keras models, trained briefly and saved as .keras (and (a) as .h5)."""
+    keras = _keras()
+    layers = keras.layers
+    x, y10, y5 = images
+    root = tmp_path_factory.mktemp("keras")
+    # (a) two branches, 3x3 and 5x5 kernels, each with its own Input, concatenated
+    inputs, flats = [], []
+    for k in (3, 5):
+        i = keras.Input((S, S, 1))
+        h = layers.Conv2D(4, k, activation="relu")(i)
+        h = layers.MaxPooling2D()(h)
+        inputs.append(i)
+        flats.append(layers.Flatten()(h))
+    out = layers.Dense(10, activation="softmax")(layers.concatenate(flats))
+    a = keras.Model(inputs, out)
+    a.compile("adam", "sparse_categorical_crossentropy")
+    a.fit([x, x], y10, epochs=1, verbose=0)
+    a.save(root / "a.keras")
+    a.save(root / "a.h5")
+    # (b) a feature extractor feeding a second Conv2D classifier
+    i = keras.Input((S, S, 1))
+    f = layers.MaxPooling2D()(layers.Conv2D(4, 3, activation="relu", padding="same")(i))
+    extractor = keras.Model(i, f)
+    j = keras.Input((S, S, 1))
+    h = layers.MaxPooling2D()(layers.Conv2D(8, 3, activation="relu", padding="same")(extractor(j)))
+    b = keras.Model(j, layers.Dense(10, activation="softmax")(layers.Flatten()(h)))
+    b.compile("adam", "sparse_categorical_crossentropy")
+    b.fit(x, y10, epochs=1, verbose=0)
+    b.save(root / "b.keras")
+    # (c) a shared trunk with two softmax heads, 10 and 5 classes, loss weights 0.5 / 0.5
+    i = keras.Input((S, S, 1))
+    t = layers.Flatten()(layers.MaxPooling2D()(layers.Conv2D(4, 3, activation="relu")(i)))
+    c = keras.Model(
+        i,
+        [
+            layers.Dense(10, activation="softmax", name="digits")(t),
+            layers.Dense(5, activation="softmax", name="shapes")(t),
+        ],
+    )
+    c.compile("adam", ["sparse_categorical_crossentropy"] * 2, loss_weights=[0.5, 0.5])
+    c.fit(x, [y10, y5], epochs=1, verbose=0)
+    c.save(root / "c.keras")
+    return root, {"a": a, "b": b, "c": c}
+
+
+DIGITS = [f"d{i}" for i in range(10)]
+SHAPES = [f"s{i}" for i in range(5)]
+
+
+def _torch_member() -> netmeld.Member:
+    torch.manual_seed(0)
+    return netmeld.Member(
+        small_cnn(num_classes=2, in_channels=1, width=8, blocks=2),
+        ["cat", "dog"],
+        name="torch",
+        preprocessing={"input_shape": (1, S, S)},
+        architecture=netmeld.Architecture(
+            "netmeld.zoo:small_cnn", {"in_channels": 1, "width": 8, "blocks": 2}
+        ),
+    )
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("name", ["a.keras", "a.h5", "b.keras"])
+def test_keras_members_match_keras_and_combine_with_pytorch(forum, images, name, tmp_path):
+    root, models = forum
+    member = bridges.keras_member(root / name, DIGITS)
+    assert member.preprocessing.input_shape == (1, S, S)
+    x = images[0][:8]
+    keras_model = models[name[0]]
+    expected = keras_model.predict([x, x] if name[0] == "a" else x, verbose=0)
+    with torch.no_grad():
+        probs = torch.softmax(member.module(_nchw(x)), dim=1).numpy()
+    assert abs(probs - expected).max() < 1e-5
+    model = netmeld.meld([member, _torch_member()], "concat")
+    assert model.labels == [*DIGITS, "cat", "dog"]
+    model.save(tmp_path / "m")
+    again = netmeld.load(tmp_path / "m")
+    assert torch.equal(again(_nchw(x)), model(_nchw(x)))
+
+
+def test_a_multi_output_keras_model_gives_members_that_share_the_trunk(forum, images):
+    root, models = forum
+    members = bridges.keras_members(root / "c.keras", {"digits": DIGITS, "shapes": SHAPES})
+    model = netmeld.meld([*members, _torch_member()], "concat")
+    assert set(model.plan[0].members) == {"c-digits", "c-shapes"}
+    x = images[0][:6]
+    digits, shapes = models["c"].predict(x, verbose=0)
+    with torch.no_grad():
+        logits = model(_nchw(x))
+    assert abs(torch.softmax(logits[:, :10], 1).numpy() - digits).max() < 1e-5
+    assert abs(torch.softmax(logits[:, 10:15], 1).numpy() - shapes).max() < 1e-5
+    with pytest.raises(MemberError, match="2 outputs"):
+        bridges.keras_member(root / "c.keras", DIGITS)
+    with pytest.raises(MemberError, match="10 units, 5 labels"):
+        bridges.keras_member(root / "c.keras", SHAPES, output="digits")
+
+
+def test_a_keras_member_trains_in_a_fusion_with_a_pytorch_member(forum, images):
+    root, _ = forum
+    keras_member = bridges.keras_member(root / "b.keras", DIGITS)
+    model = fusion.parallel([keras_member, _torch_member()], freeze=["b"])
+    net = model.members[0].module
+    frozen = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("branches.b.")}
+    x, y10, _ = images
+    out = fusion.fit(model, (_nchw(x), [DIGITS[i] for i in y10]), epochs=1, progress=False)
+    after = out.members[0].module.state_dict()
+    assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert out(_nchw(x[:3])).shape == (3, 12)
+
+
+def test_onnx_members_match_pytorch_and_save_without_the_file(tmp_path):
+    torch.manual_seed(0)
+    net = small_cnn(num_classes=3, in_channels=1, width=8, blocks=2).eval()
+    with_softmax = torch.nn.Sequential(net, torch.nn.Softmax(1)).eval()
+    torch.onnx.export(
+        with_softmax,
+        (torch.rand(2, 1, S, S),),
+        str(tmp_path / "m.onnx"),
+        opset_version=17,
+        dynamo=False,
+        input_names=["input"],
+        output_names=["probs"],
+        dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
+    )
+    member = bridges.onnx_member(tmp_path / "m.onnx", ["a", "b", "c"])
+    x = torch.rand(5, 1, S, S)
+    with torch.no_grad():
+        assert (member.module(x) - net(x)).abs().max() < 1e-5  # logits: the softmax was cut
+    model = netmeld.meld([member, _torch_member()], "concat")
+    model.save(tmp_path / "combined")
+    (tmp_path / "m.onnx").unlink()
+    assert torch.equal(netmeld.load(tmp_path / "combined")(x), model(x))
+    with pytest.raises(MemberError, match="no such file"):
+        bridges.onnx_member(tmp_path / "m.onnx", ["a"])
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def _combined_models(digits2, forum):
+    members = digits2.members
+    pool = (digits2.pool[:300], digits2.pool_labels[:300])
+    root, _ = forum
+    extended = netmeld.extend(
+        netmeld.meld(members, "concat"),
+        (digits2.pool[:20], ["new"] * 20),
+        unlabeled=digits2.pool[20:200],
+        steps=0,
+    )
+    return {
+        "concat": netmeld.meld(members, "concat"),
+        "calibrate": netmeld.meld(members, "calibrate", pool),
+        "router": netmeld.meld(members, "router", pool, params={"steps": 50}),
+        "mean": netmeld.meld(members, "mean"),
+        "vote": netmeld.meld(members, "vote"),
+        "stack": netmeld.meld(members, "stack", pool),
+        "extend": extended,
+        "parallel-attention": fusion.parallel(members, fuse="attention"),
+        "hierarchical": fusion.hierarchical(
+            members[0],
+            netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 3, "width": 8}),
+            ["p", "q"],
+            cut="features.3",
+            second_input_shape=(3, 6, 6),
+        ),
+        "multitask": fusion.multitask(members[0], {"t": ["x", "y"], "u": ["z"]}),
+        "distill": netmeld.distill(netmeld.meld(members, "concat"), pool[0], epochs=1),
+        "keras+torch": netmeld.meld(
+            [bridges.keras_member(root / "b.keras", DIGITS), _torch_member()], "concat"
+        ),
+    }
+
+
+def test_every_combined_model_exports_to_onnx(digits2, forum, tmp_path):
+    for name, model in _combined_models(digits2, forum).items():
+        path = tmp_path / f"{name}.onnx"
+        diff = bridges.export_onnx(model, path)
+        assert diff is not None and diff <= 1e-4, name
+        x = torch.rand(5, *model.input_shape)  # a batch size the check did not use
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(_ort(path, x) - expected).max() <= 1e-4, name
+    with pytest.raises(ModelFileError, match="exists"):
+        bridges.export_onnx(model, path)
