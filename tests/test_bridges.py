@@ -149,6 +149,43 @@ def test_a_keras_member_trains_in_a_fusion_with_a_pytorch_member(forum, images):
     assert out(_nchw(x[:3])).shape == (3, 12)
 
 
+def _keras_and_torch(forum, images):
+    root, _ = forum
+    x, y10, _ = images
+    labels = [DIGITS[v] if j % 2 else ("cat", "dog")[v % 2] for j, v in enumerate(y10)]
+    return bridges.keras_member(root / "b.keras", DIGITS), _torch_member(), (_nchw(x), labels)
+
+
+@pytest.mark.parametrize("method", netmeld.list_methods())
+def test_a_keras_member_works_in_every_method(forum, images, method, tmp_path):
+    keras_member, torch_member, data = _keras_and_torch(forum, images)
+    if method == "bn-standardize":  # reads BatchNorm layers through torch.fx
+        with pytest.raises(netmeld.MethodError, match="cannot be traced"):
+            netmeld.meld([keras_member, torch_member], method, data)
+        return
+    model = netmeld.meld([keras_member, torch_member], method, data)
+    assert model.labels == [*DIGITS, "cat", "dog"]
+    model.save(tmp_path / "m")
+    x = data[0][:4]
+    assert torch.equal(netmeld.load(tmp_path / "m")(x), model(x))
+
+
+def test_keras_members_distil_merge_and_extend(forum, images, tmp_path):
+    keras_member, torch_member, data = _keras_and_torch(forum, images)
+    x = data[0]
+    teacher = netmeld.meld([keras_member, torch_member], "concat")
+    student = netmeld.distill(teacher, x, epochs=1, progress=False)
+    assert isinstance(student.members[0].module, bridges.KerasClassifier)  # a new 12-way head
+    twin = bridges.keras_member(forum[0] / "b.keras", DIGITS, name="b2")
+    merged = netmeld.merge_members([keras_member, twin], "linear")  # identical weights
+    assert merged.labels == DIGITS
+    assert merged.predict(x) == netmeld.meld([keras_member], "concat").predict(x)
+    bigger = netmeld.extend(teacher, (x[:10], ["new"] * 10), unlabeled=x[10:], steps=5)
+    for i, model in enumerate((student, merged, bigger)):
+        model.save(tmp_path / str(i))
+        assert torch.equal(netmeld.load(tmp_path / str(i))(x[:4]), model(x[:4]))
+
+
 def test_onnx_members_match_pytorch_and_save_without_the_file(tmp_path):
     torch.manual_seed(0)
     net = small_cnn(num_classes=3, in_channels=1, width=8, blocks=2).eval()
@@ -210,6 +247,8 @@ def _combined_models(digits2, forum):
         ),
         "multitask": fusion.multitask(members[0], {"t": ["x", "y"], "u": ["z"]}),
         "distill": netmeld.distill(netmeld.meld(members, "concat"), pool[0], epochs=1),
+        "merge-ties": netmeld.merge_members(members, "ties", params={"density": 0.5}),
+        "zipit": netmeld.zip_members(members, pool[0]),
         "keras+torch": netmeld.meld(
             [bridges.keras_member(root / "b.keras", DIGITS), _torch_member()], "concat"
         ),

@@ -244,3 +244,38 @@ def test_netmeld_train_recipe_and_export(digits2, digits, tmp_path):
     bad = dict(recipe, build="hierarchical")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert main(["train", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "bad")]) != 0
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
+def test_a_killed_multitask_run_resumes_to_the_same_weights(
+    digits, weighting, tmp_path, monkeypatch
+):
+    """The learned loss weights are checkpointed with the network."""
+    from netmeld.engine import TrainConfig
+
+    tasks = {"digit": [str(i) for i in range(10)], "big": ["no", "yes"]}
+    torch.manual_seed(0)
+    model = fusion.multitask(FRESH, tasks, weighting=weighting, input_shape=(1, 8, 8))
+    data = _two_tasks((digits[0][0][:300], digits[0][1][:300]))
+
+    def config(folder: str, resume: bool = False) -> TrainConfig:
+        return TrainConfig(epochs=3, batch_size=32, lr=5e-3, checkpoint_dir=folder, resume=resume)
+
+    whole = fusion.fit(model, data, config=config(str(tmp_path / "a")), progress=False)
+    real_train = fusion.train
+
+    def killed_after_first_epoch(*args, **kwargs):
+        def stop(epoch: int, _loss: float) -> None:
+            if epoch == 0:
+                raise KeyboardInterrupt
+
+        return real_train(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(fusion, "train", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fusion.fit(model, data, config=config(str(tmp_path / "b")), progress=False)
+    monkeypatch.setattr(fusion, "train", real_train)
+    resumed = fusion.fit(model, data, config=config(str(tmp_path / "b"), True), progress=False)
+    a, b = whole.members[0].module.state_dict(), resumed.members[0].module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.method["params"]["learned_weights"] == resumed.method["params"]["learned_weights"]

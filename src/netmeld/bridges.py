@@ -106,9 +106,18 @@ class KerasClassifier(nn.Module):
         super().__init__()
         keras = _keras()
         model = keras.models.model_from_json(config)
-        self._bind(keras, model, output, num_classes)
+        self._bind(keras, model, output, num_classes, new_head=True)
 
-    def _bind(self, keras: Any, model: Any, output: str | int | None, num_classes: int | None):
+    def _bind(
+        self,
+        keras: Any,
+        model: Any,
+        output: str | int | None,
+        num_classes: int | None,
+        new_head: bool = False,
+    ) -> None:
+        """Wrap ``model``; a ``num_classes`` other than the output's units is an error, or with
+        ``new_head`` (a rebuilt architecture given a new label count) a fresh head."""
         dense = _output_dense(keras, model, output)
         shapes = [tuple(i.shape[1:]) for i in model.inputs]
         if any(None in s for s in shapes) or len(set(shapes)) != 1:
@@ -122,12 +131,15 @@ class KerasClassifier(nn.Module):
         body = keras.Model(model.inputs, dense.input)
         self.body = body
         kernel = dense.kernel.value.detach()
-        self.fc = nn.Linear(kernel.shape[0], kernel.shape[1], bias=dense.use_bias)
         if num_classes is not None and num_classes != kernel.shape[1]:
-            raise MemberError(
-                f"the Keras output {dense.name!r} has {kernel.shape[1]} units, "
-                f"{num_classes} labels given"
-            )
+            if not new_head:
+                raise MemberError(
+                    f"the Keras output {dense.name!r} has {kernel.shape[1]} units, "
+                    f"{num_classes} labels given"
+                )
+            self.fc = nn.Linear(kernel.shape[0], num_classes, bias=dense.use_bias)
+            return
+        self.fc = nn.Linear(kernel.shape[0], kernel.shape[1], bias=dense.use_bias)
         with torch.no_grad():
             self.fc.weight.copy_(kernel.T)
             if dense.use_bias:
