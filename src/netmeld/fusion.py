@@ -871,7 +871,9 @@ def fit(
     """Train a fused model (from :func:`parallel`, :func:`hierarchical` or :func:`multitask`)
     on labeled ``data`` through the shared engine; returns the trained model, the one passed in
     is left as it was. Multi-task labels are ``"task/label"``: an example labeled for one task
-    counts for that task's loss only."""
+    counts for that task's loss only (under DDP each process averages a task's loss over its
+    own share of the batch, so a run matches one process only where the tasks are spread
+    evenly)."""
     kind = model.method.get("name")
     if kind not in ("parallel", "hierarchical", "multitask") or len(model.members) != 1:
         raise MemberError(
