@@ -84,6 +84,9 @@ def _body(member: Member, cut: str | None = None) -> nn.Module:
     t = trace_member(member)
     if cut is None:
         if not t.traced:
+            # run whole; its own head computes nothing the fusion uses: keep it out of training
+            # (an unused trainable parameter would also stop DDP)
+            member.module.get_submodule(t.head_name).requires_grad_(False)
             return CapturedBody(member.module, t.head_name)
         return build_submodule(t, 0, len(t.body))
     if not t.traced:
