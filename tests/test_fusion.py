@@ -316,3 +316,37 @@ def test_fit_under_two_process_ddp_matches_one_process(tmp_path):
     ddp, single = load_file(out), _ddp_parallel(1)
     for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_netmeld_train_multitask_recipe_reads_a_folder_per_task(digits, tmp_path):
+    from PIL import Image
+
+    from netmeld.cli import main
+
+    x, labels = digits[0]
+    for i, (img, label) in enumerate(zip(x[:400], labels[:400], strict=True)):
+        task, name = ("digit", label) if i % 2 == 0 else ("big", "yes" if int(label) >= 5 else "no")
+        folder = tmp_path / task / name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).round().astype("uint8")).save(folder / f"{i}.png")
+    recipe = {
+        "build": "multitask",
+        "trunk": {"architecture": FRESH.spec, "architecture_kwargs": FRESH.kwargs},
+        "tasks": {"digit": [str(i) for i in range(10)], "big": ["no", "yes"]},
+        "weighting": "uncertainty",
+        "input_shape": [1, 8, 8],
+        "data": {"digit": "digit", "big": "big"},
+        "schedule": {"epochs": 8, "batch_size": 32, "lr": 0.01},
+    }
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "mt.yaml"), "-o", str(tmp_path / "mt")]) == 0
+    model = netmeld.load(tmp_path / "mt")
+    assert model.method["params"]["weighting"] == "uncertainty"
+    acc = fusion.task_accuracy(model, _two_tasks(digits[1]))
+    assert acc["digit"] > 0.3 and acc["big"] > 0.65, acc  # chance: 0.1 and 0.5
+    bad = dict(recipe, data="digit")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(netmeld.RecipeError, match="maps each task"):
+        from netmeld.recipe import read_train_recipe
+
+        read_train_recipe(tmp_path / "bad.yaml")
