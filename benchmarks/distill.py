@@ -24,6 +24,11 @@ one base" case, not two networks that never saw the other's classes.
 
     python benchmarks/distill.py --seeds 0
     python benchmarks/distill.py --dataset cifar10 --seeds 0 --epochs 5 --unlabeled 10000
+
+``--teachers scratch`` trains the two CIFAR-10 teachers (ResNet-20) from scratch, each on its own
+five classes only (``--member-epochs``, the recipe of ``benchmarks/disjoint_merge.py``), and the
+upper bound likewise on all ten: the hard case, where neither teacher has seen the other's
+classes.
 """
 
 from __future__ import annotations
@@ -135,12 +140,27 @@ def run_cifar(seed: int, args: argparse.Namespace) -> dict:
     proxy = torch.nn.functional.pad(proxy / 255.0, (2, 2, 2, 2)).unsqueeze(1).repeat(1, 3, 1, 1)
     labeled = (to_t(train_x[labeled_idx]), [classes[i] for i in train_y[labeled_idx]])
     test = (to_t(test_x), [classes[i] for i in test_y])
-    members = [
-        cifar_resnet(20, list(range(5)), classes, args.data_root),
-        cifar_resnet(32, list(range(5, 10)), classes, args.data_root),
-    ]
-    oracle = cifar_resnet(20, list(range(10)), classes, args.data_root)
-    oracle.name = "resnet20-all"
+    if args.teachers == "pretrained":
+        members = [
+            cifar_resnet(20, list(range(5)), classes, args.data_root),
+            cifar_resnet(32, list(range(5, 10)), classes, args.data_root),
+        ]
+        oracle = cifar_resnet(20, list(range(10)), classes, args.data_root)
+        oracle_name = "ResNet-20 trained with all labels (the checkpoint)"
+    else:  # two ResNet-20s trained from scratch on their own five classes only
+        from disjoint_merge import load, train_member
+
+        data = load("cifar10", args.data_root)
+        member_args = argparse.Namespace(
+            train_per_task=None, full=False, epochs=args.member_epochs, lr=2e-3
+        )
+        members = [
+            train_member(data, "cifar10", task, seed, member_args)
+            for task in (list(range(5)), list(range(5, 10)))
+        ]
+        oracle = train_member(data, "cifar10", list(range(10)), seed, member_args)
+        oracle_name = f"ResNet-20 trained with all labels ({args.member_epochs} epochs)"
+    oracle.name = "all-labels"
     rows: dict[str, dict] = {}
 
     def record(name: str, model: netmeld.CombinedModel, seconds: float = 0.0) -> None:
@@ -176,7 +196,7 @@ def run_cifar(seed: int, args: argparse.Namespace) -> dict:
             **kw,
         )
         record(name, student, time.perf_counter() - start)
-    record("ResNet-20 trained with all labels (the checkpoint)", netmeld.meld([oracle], "concat"))
+    record(oracle_name, netmeld.meld([oracle], "concat"))
     return rows
 
 
@@ -184,6 +204,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--teachers",
+        choices=["pretrained", "scratch"],
+        default="pretrained",
+        help="cifar10: the pretrained ResNets with split heads, or ResNet-20s trained from "
+        "scratch on their own classes (--member-epochs)",
+    )
     parser.add_argument("--per-member", type=int, default=8000, help="training images per teacher")
     parser.add_argument("--member-epochs", type=int, default=4)
     parser.add_argument("--unlabeled", type=int, default=5000, help="unlabeled / proxy images")

@@ -137,6 +137,8 @@ def test_hierarchical_vectors_get_a_linear_projection():
     )
     assert model.method["params"]["adapters"] == ["linear projection 12 -> 20 features"]
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(MemberError, match="used whole"):
+        fusion.hierarchical(first, second, ["a", "b", "c"], cut="1", input_shape=(1, 8, 8))
 
 
 def _two_tasks(data):

@@ -163,6 +163,11 @@ def _make_part(
         return _Part(prep, body)
     if not isinstance(part, nn.Module):
         raise MemberError(f"expected a Member, an nn.Module or an architecture, got {part!r}")
+    if cut is not None:
+        raise MemberError(
+            f"cut={cut!r} needs a member or an architecture; a plain {type(part).__name__} is "
+            "used whole (pass the part of it you want instead)"
+        )
     module = copy.deepcopy(part)
     for p in module.parameters():
         p.requires_grad_(True)
