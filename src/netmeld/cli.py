@@ -60,6 +60,30 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         params = ", ".join(f"{p.rstrip('_')}={v}" for p, v in k.defaults.items()) or "-"
         kernels.add_row(k.name, needs, k.reference, params)
     _console.print(kernels)
+    fusions = Table(
+        title="fusion architectures (netmeld.fusion, netmeld train; need labeled data)",
+        title_justify="left",
+    )
+    fusions.add_column("build")
+    fusions.add_column("what it combines")
+    fusions.add_column("options")
+    fusions.add_row(
+        "parallel",
+        "branches side by side (same input or their own channels/columns), one head",
+        "fuse=concat|sum|attention|gating, dim, inputs, freeze",
+    )
+    fusions.add_row(
+        "hierarchical",
+        "one network's features feed another; adapters where shapes differ",
+        "cut, second_input_shape, adapt=auto|none, freeze",
+    )
+    fusions.add_row(
+        "multitask",
+        "a shared trunk, one head per task (labels 'task/label')",
+        "weighting=fixed|uncertainty|gradnorm (Kendall 2018; Chen 2018), loss_weights, alpha, "
+        "freeze",
+    )
+    _console.print(fusions)
     return 0
 
 
