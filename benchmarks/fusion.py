@@ -1,14 +1,16 @@
 """Fusion architectures measured: parallel branches vs each branch alone (Fashion-MNIST), and a
 multi-task network on MNIST + Fashion-MNIST with each loss weighting vs two single-task models.
 
-Parallel: branch A is a small CNN with 3x3 kernels (``netmeld.zoo:small_cnn``), branch B a VGG
-(``netmeld.zoo:vgg``). Each is trained alone on the same images for the same epochs; the fused
-network (both branches, fresh) is trained the same way with each fusion; and the two trained
-members are fused with their branches frozen (only the fusion and head train, one epoch).
+Parallel (``--pair kernels``, the forum's pattern): branch A is a small CNN with 3x3 kernels
+(``netmeld.zoo:small_cnn``), branch B the same CNN with 5x5 kernels; ``--pair mixed``: a tiny
+3x3 CNN and a VGG (``netmeld.zoo:vgg``). Each is trained alone on the same images for the same
+epochs; the fused network (both branches, fresh) is trained the same way with each fusion; and
+the two trained members are fused with their branches frozen (only the fusion and head train,
+one epoch).
 
-Multi-task: one ``small_cnn`` trunk (``--trunk-width 32 --trunk-blocks 3`` by default), a 10-way
-head per task; half the training images are
-MNIST digits (labeled for task ``mnist`` only), half Fashion-MNIST (task ``fashion`` only). The
+Multi-task: one ``small_cnn`` trunk (``--trunk-width 32 --trunk-blocks 3`` by default), a
+10-way head per task; half the training images are MNIST digits (labeled for task ``mnist``
+only), half Fashion-MNIST (task ``fashion`` only). The
 baseline is two single-task networks of the trunk's architecture, each trained on its own half.
 Every model sees the same images for the same epochs.
 
@@ -34,7 +36,24 @@ CNN = netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 1, "width": 
 VGG = netmeld.Architecture(
     "netmeld.zoo:vgg", {"in_channels": 1, "widths": [16, 32], "image_size": 28, "hidden": 64}
 )
-PRE = {"input_shape": (1, 28, 28), "mean": (0.3,), "std": (0.35,)}
+PAIRS = {
+    "kernels": (
+        (
+            "A (CNN, 3x3)",
+            netmeld.Architecture(
+                "netmeld.zoo:small_cnn", {"in_channels": 1, "width": 16, "blocks": 3}
+            ),
+        ),
+        (
+            "B (CNN, 5x5)",
+            netmeld.Architecture(
+                "netmeld.zoo:small_cnn",
+                {"in_channels": 1, "width": 16, "blocks": 3, "kernel_size": 5},
+            ),
+        ),
+    ),
+    "mixed": (("A (CNN, 3x3)", CNN), ("B (VGG)", VGG)),
+}
 
 
 def images(name: str, split: str, n: int, seed: int, root: str | None):
@@ -67,7 +86,8 @@ def run_parallel(seed: int, args: argparse.Namespace) -> dict:
         print(f"  seed {seed}: {name}: {rows[name]['acc']:.3f}", file=sys.stderr)
 
     trained = {}
-    for name, arch in (("A (CNN, 3x3)", CNN), ("B (VGG)", VGG)):
+    (_, arch_a), (_, arch_b) = PAIRS[args.pair]
+    for name, arch in PAIRS[args.pair]:
         torch.manual_seed(seed)
         start = time.perf_counter()
         model = fusion.fit(single(arch, labels, name[0]), train, **fit)
@@ -77,7 +97,7 @@ def run_parallel(seed: int, args: argparse.Namespace) -> dict:
         torch.manual_seed(seed)
         start = time.perf_counter()
         model = fusion.fit(
-            fusion.parallel({"A": CNN, "B": VGG}, labels, fuse=fuse, input_shape=(1, 28, 28)),
+            fusion.parallel({"A": arch_a, "B": arch_b}, labels, fuse=fuse, input_shape=(1, 28, 28)),
             train,
             **fit,
         )
@@ -167,6 +187,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--parts", nargs="+", default=["parallel", "multitask"])
+    parser.add_argument(
+        "--pair", choices=sorted(PAIRS), default="kernels", help="parallel branches"
+    )
     parser.add_argument("--trunk-width", type=int, default=32, help="multi-task trunk width")
     parser.add_argument("--trunk-blocks", type=int, default=3, help="multi-task trunk blocks")
     parser.add_argument("--data-root", default=None)
@@ -175,8 +198,8 @@ def main() -> None:
     if "parallel" in args.parts:
         per_seed = [run_parallel(s, args) for s in args.seeds]
         print(
-            f"\nFashion-MNIST, {args.train} training images, {args.epochs} epochs, "
-            f"seeds {args.seeds}"
+            f"\nFashion-MNIST, branches {args.pair}, {args.train} training images, "
+            f"{args.epochs} epochs, seeds {args.seeds}"
         )
         print("| model | accuracy % | parameters | train s |")
         print("|---|---|---|---|")

@@ -10,10 +10,16 @@ from torch import nn
 
 class SmallCNN(nn.Module):
     """A small BatchNorm CNN: ``blocks`` conv blocks (the first keeps the size, each later one
-    halves it), global average pooling, and a linear head ``fc``."""
+    halves it) with ``kernel_size`` x ``kernel_size`` convolutions, global average pooling, and a
+    linear head ``fc``."""
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 1, width: int = 32, blocks: int = 3
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 32,
+        blocks: int = 3,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -23,7 +29,7 @@ class SmallCNN(nn.Module):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
             layers += [
-                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.Conv2d(channels, out, kernel_size, padding=kernel_size // 2, bias=False),
                 nn.BatchNorm2d(out),
                 nn.ReLU(inplace=True),
             ]
@@ -38,10 +44,14 @@ class SmallCNN(nn.Module):
 
 
 def small_cnn(
-    num_classes: int = 10, in_channels: int = 1, width: int = 32, blocks: int = 3
+    num_classes: int = 10,
+    in_channels: int = 1,
+    width: int = 32,
+    blocks: int = 3,
+    kernel_size: int = 3,
 ) -> SmallCNN:
     """Build a :class:`SmallCNN` (the callable named in saved recipes)."""
-    return SmallCNN(num_classes, in_channels, width, blocks)
+    return SmallCNN(num_classes, in_channels, width, blocks, kernel_size)
 
 
 class MLP(nn.Module):
