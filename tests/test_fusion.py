@@ -81,6 +81,31 @@ def test_parallel_branches_read_their_own_inputs():
         fusion.parallel({"a": FRESH}, ["x"], inputs={"c": [0]}, input_shape=(1, 8, 8))
 
 
+def test_table_members_read_their_own_columns():
+    torch.manual_seed(0)
+    mlp = netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 2})
+
+    def member(name: str, columns):
+        return netmeld.Member(
+            mlp.build(num_classes=2),
+            ["no", "yes"],
+            name=name,
+            preprocessing={"input_shape": (2,), "columns": columns},
+            architecture=mlp,
+        )
+
+    model = fusion.parallel([member("a", [0, 1]), member("b", [2, 3])], input_shape=(4,))
+    x = torch.rand(5, 4)
+    changed = x.clone()
+    changed[:, 2:] = torch.rand(5, 2)
+    branches = model.members[0].module.branches
+    with torch.no_grad():
+        assert torch.equal(branches["a"](x), branches["a"](changed))
+        assert not torch.equal(branches["b"](x), branches["b"](changed))
+    with pytest.raises(IncompatibleMembersError, match="by name"):
+        fusion.parallel([member("a", ["age", "income"])], input_shape=(4,))
+
+
 def test_freeze_names_a_block_or_says_what_exists(digits2):
     a, b = digits2.members
     model = fusion.parallel([a, b], freeze=[f"{a.name}.features.0"])

@@ -547,6 +547,15 @@ def parallel(
     unknown = sorted(set(select) - set(named))
     if unknown:
         raise IncompatibleMembersError(f"inputs name unknown branches {unknown}; {list(named)}")
+    for n, p in named.items():  # a table member's own column positions, unless inputs= says
+        columns = p.preprocessing.columns if isinstance(p, Member) else None
+        if columns is not None and n not in select:
+            if not all(isinstance(c, int) for c in columns):
+                raise IncompatibleMembersError(
+                    f"branch {n!r} reads columns by name {list(columns)}; give their positions "
+                    "in the fused input with inputs={name: [...]}"
+                )
+            select[n] = [int(c) for c in columns]
     specs = [_part_spec(p, n) for n, p in named.items()]
     modules = {
         n: _make_part(p, s, shape, select.get(n))
