@@ -134,6 +134,10 @@ def test_a_multi_output_keras_model_gives_members_that_share_the_trunk(forum, im
         bridges.keras_member(root / "c.keras", DIGITS)
     with pytest.raises(MemberError, match="10 units, 5 labels"):
         bridges.keras_member(root / "c.keras", SHAPES, output="digits")
+    keras = _keras()
+    unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    with pytest.raises(MemberError, match="not built"):
+        bridges.keras_member(unbuilt, ["a", "b", "c"])
 
 
 def test_a_keras_member_trains_in_a_fusion_with_a_pytorch_member(forum, images):

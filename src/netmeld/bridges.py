@@ -66,7 +66,13 @@ def _producer(tensor: Any) -> Any:
 
 def _output_dense(keras: Any, model: Any, output: str | int | None) -> Any:
     """The ``Dense`` layer that produces ``output`` (through a softmax/activation layer)."""
-    outputs = list(model.outputs)
+    try:
+        outputs = list(model.outputs)
+    except (AttributeError, ValueError) as exc:
+        raise MemberError(
+            f"the Keras model {model.name!r} is not built (it has no inputs yet): start it with "
+            "keras.Input(shape) or call it on data once"
+        ) from exc
     if output is None:
         if len(outputs) != 1:
             names = [_producer(o).name for o in outputs]
