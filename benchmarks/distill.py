@@ -50,6 +50,57 @@ from netmeld.distill import distill
 from netmeld.methods.weights import count_macs
 
 
+def measure(
+    seed: int,
+    args: argparse.Namespace,
+    members: list[netmeld.Member],
+    labeled: tuple,
+    test: tuple,
+    unlabeled: torch.Tensor,
+    proxy: tuple[str, torch.Tensor],
+    oracle: tuple[netmeld.Member, str],
+) -> dict:
+    """Union accuracy, MACs and distillation time of the naive and calibrated unions, each
+    student of ``args.modes`` and the network trained with all labels."""
+    rows: dict[str, dict] = {}
+
+    def record(name: str, model: netmeld.CombinedModel, seconds: float = 0.0) -> None:
+        rows[name] = {
+            "acc": netmeld.evaluate(model, test).union_accuracy,
+            "macs": count_macs(model, test[0][:1]),
+            "seconds": seconds,
+        }
+        print(f"  seed {seed}: {name}: {rows[name]['acc']:.3f} ({seconds:.0f} s)", file=sys.stderr)
+
+    record("teachers, naive union (concat)", netmeld.meld(members, "concat"))
+    teacher = netmeld.meld(members, "calibrate", labeled, seed=seed)
+    record("teachers, calibrated union (the teacher)", teacher)
+    modes = {
+        "indist": ("student, in-distribution unlabeled", unlabeled, {}),
+        "proxy": (proxy[0], proxy[1], {}),
+        "datafree": (
+            "student, data-free (DeepInversion)",
+            None,
+            {"data_free": args.data_free, "synthesis": {"steps": args.synthesis_steps}},
+        ),
+    }
+    for name, data, kw in (modes[m] for m in args.modes):
+        start = time.perf_counter()
+        student = distill(
+            teacher,
+            data,
+            epochs=args.epochs,
+            lr=args.lr,
+            seed=seed,
+            progress=False,
+            hint_weight=args.hint_weight,
+            **kw,
+        )
+        record(name, student, time.perf_counter() - start)
+    record(oracle[1], netmeld.meld([oracle[0]], "concat"))
+    return rows
+
+
 def run(seed: int, args: argparse.Namespace) -> dict:
     from _datasets import load_idx
     from ensembles import fashion_scenario
@@ -61,41 +112,16 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     mx, _ = load_idx("mnist", "train", args.data_root)
     unlabeled = to_t(fx[rng.choice(len(fx), args.unlabeled, replace=False)])
     proxy = to_t(mx[rng.choice(len(mx), args.unlabeled, replace=False)])
-    test = sc["test"]
-    example = test[0][:1]
-    rows: dict[str, dict] = {}
-
-    def record(name: str, model: netmeld.CombinedModel, seconds: float = 0.0) -> None:
-        rows[name] = {
-            "acc": netmeld.evaluate(model, test).union_accuracy,
-            "macs": count_macs(model, example),
-            "seconds": seconds,
-        }
-
-    naive = netmeld.meld(sc["members"], "concat")
-    record("teachers, naive union (concat)", naive)
-    teacher = netmeld.meld(sc["members"], "calibrate", sc["labeled"], seed=seed)
-    record("teachers, calibrated union (the teacher)", teacher)
-    modes = {
-        "indist": ("student, in-distribution unlabeled", unlabeled, {}),
-        "proxy": ("student, proxy images (MNIST)", proxy, {}),
-        "datafree": (
-            "student, data-free (DeepInversion)",
-            None,
-            {"data_free": args.data_free, "synthesis": {"steps": args.synthesis_steps}},
-        ),
-    }
-    for name, data, kw in (modes[m] for m in args.modes):
-        kw = {**kw, "hint_weight": args.hint_weight}
-        start = time.perf_counter()
-        student = distill(teacher, data, epochs=args.epochs, seed=seed, progress=False, **kw)
-        record(name, student, time.perf_counter() - start)
-        print(
-            f"  seed {seed}: {name}: {rows[name]['acc']:.3f} ({time.perf_counter() - start:.0f} s)",
-            file=sys.stderr,
-        )
-    record("same CNN trained with all labels", netmeld.meld([sc["oracle"]], "concat"))
-    return rows
+    return measure(
+        seed,
+        args,
+        sc["members"],
+        sc["labeled"],
+        sc["test"],
+        unlabeled,
+        ("student, proxy images (MNIST)", proxy),
+        (sc["oracle"], "same CNN trained with all labels"),
+    )
 
 
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -161,43 +187,16 @@ def run_cifar(seed: int, args: argparse.Namespace) -> dict:
         oracle = train_member(data, "cifar10", list(range(10)), seed, member_args)
         oracle_name = f"ResNet-20 trained with all labels ({args.member_epochs} epochs)"
     oracle.name = "all-labels"
-    rows: dict[str, dict] = {}
-
-    def record(name: str, model: netmeld.CombinedModel, seconds: float = 0.0) -> None:
-        rows[name] = {
-            "acc": netmeld.evaluate(model, test).union_accuracy,
-            "macs": count_macs(model, test[0][:1]),
-            "seconds": seconds,
-        }
-        print(f"  seed {seed}: {name}: {rows[name]['acc']:.3f}", file=sys.stderr)
-
-    record("teachers, naive union (concat)", netmeld.meld(members, "concat"))
-    teacher = netmeld.meld(members, "calibrate", labeled, seed=seed)
-    record("teachers, calibrated union (the teacher)", teacher)
-    modes = {
-        "indist": ("student, in-distribution unlabeled", unlabeled, {}),
-        "proxy": ("student, proxy images (Fashion-MNIST)", proxy, {}),
-        "datafree": (
-            "student, data-free (DeepInversion)",
-            None,
-            {"data_free": args.data_free, "synthesis": {"steps": args.synthesis_steps}},
-        ),
-    }
-    for name, data, kw in (modes[m] for m in args.modes):
-        start = time.perf_counter()
-        student = distill(
-            teacher,
-            data,
-            epochs=args.epochs,
-            lr=args.lr,
-            seed=seed,
-            progress=False,
-            hint_weight=args.hint_weight,
-            **kw,
-        )
-        record(name, student, time.perf_counter() - start)
-    record(oracle_name, netmeld.meld([oracle], "concat"))
-    return rows
+    return measure(
+        seed,
+        args,
+        members,
+        labeled,
+        test,
+        unlabeled,
+        ("student, proxy images (Fashion-MNIST)", proxy),
+        (oracle, oracle_name),
+    )
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def test_distill_from_a_recipe_with_checkpoints(workspace, capsys):
     path.write_text(yaml.safe_dump(distill_recipe))
     out, ckpt = workspace / "student", workspace / "ckpt"
     assert main(["distill", str(path), "-o", str(out), "--checkpoint-dir", str(ckpt)]) == 0
-    assert "saved a student over 10 labels" in capsys.readouterr().out
+    assert "distilled a student over 10 labels" in capsys.readouterr().out
     student = netmeld.load(out)
     assert sorted(student.labels) == sorted(str(d) for d in range(10))
     assert student.method["name"] == "distill"

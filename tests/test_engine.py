@@ -11,6 +11,8 @@ from netmeld.engine import TrainConfig, state_equal, tensor_batches, train
 from netmeld.errors import DataError
 from netmeld.zoo import mlp
 
+from ._ddp import two_process_run
+
 
 def _data():
     g = torch.Generator().manual_seed(0)
@@ -70,27 +72,12 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
     assert state_equal(resumed, full)
 
 
-def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        state = _run(TrainConfig(epochs=2, batch_size=30, lr=1e-2), dropout=False)
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items()}, out)
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_run() -> dict[str, torch.Tensor]:
+    return _run(TrainConfig(epochs=2, batch_size=30, lr=1e-2), dropout=False)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    from safetensors.torch import load_file
-
-    out = str(tmp_path / "ddp.safetensors")
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True
-    )
-    ddp = load_file(out)
+    ddp = two_process_run(_ddp_run, tmp_path)
     # each process draws its own dropout masks, so the comparison is without dropout
     single = _run(TrainConfig(epochs=2, batch_size=30, lr=1e-2), dropout=False)
     start = _model(dropout=False).state_dict()

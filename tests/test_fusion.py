@@ -13,6 +13,8 @@ from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.scenarios import load_digits_images
 from netmeld.zoo import small_cnn
 
+from ._ddp import two_process_run
+
 FRESH = netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 1, "width": 8, "blocks": 2})
 
 
@@ -308,7 +310,7 @@ def test_a_killed_multitask_run_resumes_to_the_same_weights(
     assert whole.method["params"]["learned_weights"] == resumed.method["params"]["learned_weights"]
 
 
-def _ddp_parallel(world: int) -> dict[str, torch.Tensor]:
+def _ddp_parallel() -> dict[str, torch.Tensor]:
     """A parallel fit of two MLP branches (no BatchNorm, no dropout), one frozen."""
     torch.manual_seed(0)
     mlp = netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 64, "hidden": 16})
@@ -322,25 +324,8 @@ def _ddp_parallel(world: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in out.members[0].module.state_dict().items()}
 
 
-def _fit_worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        state = _ddp_parallel(world)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in state.items()}, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_fit_under_two_process_ddp_matches_one_process(tmp_path):
-    from safetensors.torch import load_file
-
-    out = str(tmp_path / "ddp.safetensors")
-    torch.multiprocessing.spawn(
-        _fit_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True
-    )
-    ddp, single = load_file(out), _ddp_parallel(1)
+    ddp, single = two_process_run(_ddp_parallel, tmp_path), _ddp_parallel()
     for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
 

@@ -114,6 +114,14 @@ class KerasClassifier(nn.Module):
         model = keras.models.model_from_json(config)
         self._bind(keras, model, output, num_classes, new_head=True)
 
+    @classmethod
+    def wrap(cls, model: Any, output: str | int | None, num_classes: int) -> KerasClassifier:
+        """Wrap a loaded ``keras.Model`` (its weights kept); ``num_classes`` must match."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._bind(_keras(), model, output, num_classes)
+        return module
+
     def _bind(
         self,
         keras: Any,
@@ -210,10 +218,8 @@ def keras_member(
             f"expected a keras.Model or a .keras/.h5 path, got {type(model).__name__}"
         )
     label_names = read_labels(labels)
-    module = KerasClassifier.__new__(KerasClassifier)
-    nn.Module.__init__(module)
     try:
-        module._bind(keras, model, output, len(label_names))
+        module = KerasClassifier.wrap(model, output, len(label_names))
     except MemberError as exc:
         raise MemberError(f"{source or 'Keras model'}: {exc}") from exc
     config = model.to_json()
@@ -305,8 +311,6 @@ def _strip_weights(onnx: Any, proto: Any) -> str:
         if init.data_type in _FLOAT_TYPES:
             for field in ("raw_data", "float_data", "double_data", "int32_data"):
                 init.ClearField(field)
-            init.ClearField("raw_data")
-            init.raw_data = b""
     return base64.b64encode(copy.SerializeToString()).decode("ascii")
 
 

@@ -102,6 +102,18 @@ def _cmd_meld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """-o, --checkpoint-dir, --resume and --overwrite of the commands that train."""
+    p.add_argument("-o", "--output", required=True, help=f"folder to write {what} to")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
 @contextlib.contextmanager
 def _process_group() -> Iterator[int]:
     """Join the process group torchrun describes in the environment; yields this rank."""
@@ -122,49 +134,49 @@ def _process_group() -> Iterator[int]:
             torch.distributed.destroy_process_group()
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from netmeld.recipe import run_distill_recipe
-
+def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
+    """Run a training recipe (``run``) in torchrun's process group; rank 0 saves the model and
+    prints ``what(model)``."""
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
     with _process_group() as rank:
-        model = run_distill_recipe(
-            args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume
-        )
+        model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         if rank == 0:
             model.save(out, overwrite=args.overwrite)
-            _console.print(
-                f"saved a student over {len(model.labels)} labels "
-                f"({model.num_parameters:,} parameters) to [bold]{out}[/bold]"
-            )
+            _console.print(f"{what(model)} and saved it to [bold]{out}[/bold]")
     return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from netmeld.recipe import run_distill_recipe
+
+    return _train_and_save(
+        args,
+        run_distill_recipe,
+        lambda m: (
+            f"distilled a student over {len(m.labels)} labels ({m.num_parameters:,} parameters)"
+        ),
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from netmeld.recipe import run_train_recipe
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
-    with _process_group() as rank:
-        model = run_train_recipe(
-            args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume
+    def what(model: Any) -> str:
+        params = model.method["params"]
+        extra = ""
+        if params.get("adapters"):
+            extra = f"; adapters: {', '.join(params['adapters'])}"
+        if params.get("learned_weights"):
+            weights = ", ".join(f"{k} {v:.2f}" for k, v in params["learned_weights"].items())
+            extra = f"; task weights: {weights}"
+        return (
+            f"trained a {model.method['name']} model over {len(model.labels)} labels "
+            f"({model.num_parameters:,} parameters{extra})"
         )
-        if rank == 0:
-            model.save(out, overwrite=args.overwrite)
-            params = model.method["params"]
-            extra = ""
-            if params.get("adapters"):
-                extra = f"; adapters: {', '.join(params['adapters'])}"
-            if params.get("learned_weights"):
-                weights = ", ".join(f"{k} {v:.2f}" for k, v in params["learned_weights"].items())
-                extra = f"; task weights: {weights}"
-            _console.print(
-                f"trained a {model.method['name']} model over {len(model.labels)} labels "
-                f"({model.num_parameters:,} parameters{extra}) and saved it to [bold]{out}[/bold]"
-            )
-    return 0
+
+    return _train_and_save(args, run_train_recipe, what)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -460,14 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the YAML distillation recipe (teachers or teacher, union, "
         "student, data or data_free, temperature, schedule)",
     )
-    p.add_argument("-o", "--output", required=True, help="folder to write the student to")
-    p.add_argument(
-        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _training_arguments(p, "the student")
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
@@ -484,14 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the YAML training recipe (build, branches | first/second | trunk/tasks, labels, "
         "freeze, data, schedule)",
     )
-    p.add_argument("-o", "--output", required=True, help="folder to write the trained model to")
-    p.add_argument(
-        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _training_arguments(p, "the trained model")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

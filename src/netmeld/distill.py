@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from netmeld.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
-from netmeld.engine import TrainConfig, tensor_batches, train
+from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import DataError, MemberError
 from netmeld.graph import find_head
 from netmeld.members import Architecture, Member
@@ -295,9 +294,7 @@ def distill(
         raise MemberError(
             f"the student outputs {out.shape[-1]} logits, the teacher has {len(labels)} labels"
         )
-    cfg = config or TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    if config is not None and seed != cfg.seed:
-        cfg = replace(cfg, seed=seed)
+    cfg = resolve_config(config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     t = temperature
     module = member.module
     for p in module.parameters():

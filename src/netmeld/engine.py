@@ -23,7 +23,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,15 @@ class TrainConfig:
             raise DataError(
                 f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
             )
+
+
+def resolve_config(
+    config: TrainConfig | None, *, epochs: int, batch_size: int, lr: float, seed: int
+) -> TrainConfig:
+    """``config`` with ``seed`` (the caller's seed wins), or one made from the keywords."""
+    if config is None:
+        return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    return config if config.seed == seed else replace(config, seed=seed)
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 from netmeld.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
-from netmeld.engine import TrainConfig, tensor_batches, train
+from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.graph import CapturedBody, build_submodule, find_head, trace_member
 from netmeld.members import Architecture, Member, Preprocessing
@@ -67,7 +66,7 @@ def _member_from_spec(spec: Mapping[str, Any]) -> Member:
     n = int(spec.get("num_classes") or 1)
     module = arch.build(num_classes=n)
     prep = spec.get("preprocessing")
-    member = Member(
+    return Member(
         module,
         [str(i) for i in range(n)],
         name=spec["name"],
@@ -75,8 +74,6 @@ def _member_from_spec(spec: Mapping[str, Any]) -> Member:
         architecture=arch,
         head=spec.get("head"),
     )
-    member._no_preprocessing = not prep  # type: ignore[attr-defined]
-    return member
 
 
 def _body(member: Member, cut: str | None = None) -> nn.Module:
@@ -134,29 +131,24 @@ def _make_part(
     select: Sequence[int] | None,
     *,
     cut: str | None = None,
-    preprocess: bool = True,
 ) -> nn.Module:
-    member: Member | None
-    if isinstance(part, Member):
-        member = part
+    member: Member | None = None
+    if isinstance(part, Member):  # a copy: training the fusion never touches the member
+        member = Member(
+            copy.deepcopy(part.module),
+            part.labels,
+            name=part.name,
+            preprocessing=part.preprocessing,
+            architecture=part.architecture,
+            head=part.head,
+        )
     elif spec is not None:
         member = _member_from_spec(spec)
-    else:
-        member = None
     if member is not None:
-        module = copy.deepcopy(member.module)
-        for p in module.parameters():  # trainable unless frozen explicitly (freeze=)
-            p.requires_grad_(True)
-        copied = Member(
-            module,
-            member.labels,
-            name=member.name,
-            preprocessing=member.preprocessing,
-            architecture=member.architecture,
-            head=member.head,
-        )
-        body = _body(copied, cut)
-        if preprocess and not getattr(member, "_no_preprocessing", False):
+        member.module.requires_grad_(True)  # trainable unless frozen explicitly (freeze=)
+        body = _body(member, cut)
+        # a trained member's preprocessing applies; a fresh architecture has none
+        if spec is None or spec.get("preprocessing"):
             prep: nn.Module = Preprocess(input_shape, member.preprocessing, select)
         else:
             prep = _Select(select) if select is not None else nn.Identity()
@@ -168,9 +160,7 @@ def _make_part(
             f"cut={cut!r} needs a member or an architecture; a plain {type(part).__name__} is "
             "used whole (pass the part of it you want instead)"
         )
-    module = copy.deepcopy(part)
-    for p in module.parameters():
-        p.requires_grad_(True)
+    module = copy.deepcopy(part).requires_grad_(True)
     return _Part(_Select(select) if select is not None else nn.Identity(), module)
 
 
@@ -903,9 +893,7 @@ def fit(
     net.refreeze()
     loaded = load_data(data, model.input_shape, require_labels=True, what="training data")
     assert loaded.labels is not None
-    cfg = config or TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    if config is not None and seed != cfg.seed:
-        cfg = replace(cfg, seed=seed)
+    cfg = resolve_config(config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     params = dict(model.method.get("params", {}))
     trained: nn.Module
     if kind == "multitask":

@@ -26,7 +26,7 @@ needs data), before any checkpoint is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,8 +151,12 @@ class Recipe(BaseModel):
         return self
 
 
-def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
-    """Parse and validate a recipe file; returns it and the folder its paths are relative to."""
+_Spec = TypeVar("_Spec", bound=BaseModel)
+
+
+def _read_yaml(path: str | Path, spec: type[_Spec], expected: str) -> tuple[_Spec, Path]:
+    """Parse and validate a YAML recipe as ``spec``; returns it and the folder its paths are
+    relative to. Every problem is a :class:`RecipeError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
@@ -161,13 +165,18 @@ def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with 'members' and 'method'")
+        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with {expected}")
     try:
-        return Recipe.model_validate(raw), path.parent
+        return spec.model_validate(raw), path.parent
     except MethodError as exc:
         raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
     except ValidationError as exc:
         raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+
+
+def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """Parse and validate a recipe file; returns it and the folder its paths are relative to."""
+    return _read_yaml(path, Recipe, "'members' and 'method'")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -274,6 +283,21 @@ class ScheduleSpec(BaseModel):
     weight_decay: float = 1e-4
     warmup_steps: int = 0
 
+    def config(self, seed: int, checkpoint_dir: str | None, resume: bool) -> Any:
+        """The engine's :class:`~netmeld.engine.TrainConfig` for this schedule."""
+        from netmeld.engine import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            seed=seed,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+        )
+
 
 class DistillRecipe(BaseModel):
     """A ``netmeld distill`` recipe: teachers (members, or a saved combined model), how they
@@ -326,18 +350,7 @@ class DistillRecipe(BaseModel):
 
 def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
     """Parse and validate a distillation recipe (paths relative to its folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return DistillRecipe.model_validate(raw), path.parent
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    except MethodError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
-    except ValidationError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+    return _read_yaml(path, DistillRecipe, "'teachers' (or 'teacher') and 'data'")
 
 
 def run_distill_recipe(
@@ -350,7 +363,6 @@ def run_distill_recipe(
     """Read a distillation recipe and return the distilled one-member combined model."""
     from netmeld.combined import load
     from netmeld.distill import distill
-    from netmeld.engine import TrainConfig
     from netmeld.meld import meld
 
     recipe, base = read_distill_recipe(path)
@@ -393,17 +405,7 @@ def run_distill_recipe(
             preprocessing=pre,
             architecture=arch,
         )
-    s = recipe.schedule
-    config = TrainConfig(
-        epochs=s.epochs,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        warmup_steps=s.warmup_steps,
-        seed=recipe.seed,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-    )
+    config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
     return distill(
         teacher,
         data,
@@ -498,16 +500,7 @@ class TrainRecipe(BaseModel):
 
 def read_train_recipe(path: str | Path) -> tuple[TrainRecipe, Path]:
     """Parse and validate a ``netmeld train`` recipe (paths relative to its folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return TrainRecipe.model_validate(raw), path.parent
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    except ValidationError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+    return _read_yaml(path, TrainRecipe, "'build', its parts and 'data'")
 
 
 def _part(spec: PartSpec, base: Path) -> Any:
@@ -529,7 +522,6 @@ def run_train_recipe(
     """Read a ``netmeld train`` recipe, build the fused model and train it."""
     from netmeld import fusion
     from netmeld.data import Data, load_data
-    from netmeld.engine import TrainConfig
 
     recipe, base = read_train_recipe(path)
     labels: Any = recipe.labels
@@ -593,15 +585,5 @@ def run_train_recipe(
         data: Any = Data(torch.cat(xs), ys, "tasks")
     else:
         data = _resolve(base, recipe.data)
-    s = recipe.schedule
-    config = TrainConfig(
-        epochs=s.epochs,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        warmup_steps=s.warmup_steps,
-        seed=recipe.seed,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-    )
+    config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
     return fusion.fit(model, data, config=config, seed=recipe.seed, progress=progress)
