@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
 import netmeld.zoo
-from netmeld.distill import distill
-from netmeld.methods.weights import count_macs
+from netmeld.methods.distill import distill
+from netmeld.methods.merge import count_macs
 
 
 def measure(

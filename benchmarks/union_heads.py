@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
 from netmeld.evaluate import metrics_from_logits
-from netmeld.meld import extract
-from netmeld.members import Preprocessing
+from netmeld.methods.meld import extract
+from netmeld.members.member import Preprocessing
 from netmeld.methods import get_method, list_methods
-from netmeld.scenarios import (
+from netmeld.demo.scenarios import (
     Scenario,
     digits_scenario,
     features_of,

@@ -40,7 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netmeld.shards import CheckpointReader
+from netmeld.io.shards import CheckpointReader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ REBASIN = textwrap.dedent(
 READ_ONCE = textwrap.dedent(
     """
     import sys, time
-    from netmeld.shards import CheckpointReader
+    from netmeld.io.shards import CheckpointReader
     start = time.perf_counter()
     total = 0
     for path in sys.argv[1:]:
@@ -383,8 +383,8 @@ def part_rebasin(
     from _datasets import load_idx
     from safetensors.torch import load_file, save_file
 
-    from netmeld.permutation import align, interpolate, repair
-    from netmeld.scenarios import train_classifier
+    from netmeld.methods.permutation import align, interpolate, repair
+    from netmeld.demo.scenarios import train_classifier
 
     xtr, ytr = load_idx(dataset, "train", root)  # type: ignore[arg-type]
     xte, yte = load_idx(dataset, "test", root)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from netmeld.scenarios import TableScenario, table_scenario
+from netmeld.demo.scenarios import TableScenario, table_scenario
 
 
 @functools.cache

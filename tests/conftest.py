@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from netmeld.scenarios import Scenario, digits_scenario
+from netmeld.demo.scenarios import Scenario, digits_scenario
 
 os.environ.setdefault("NETMELD_PROGRESS", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import netmeld
-from netmeld import bridges, fusion
+from netmeld.io import bridges_tmp as bridges
+from netmeld.methods.fusion import all_tmp as fusion
 from netmeld.errors import MemberError, ModelFileError
 from netmeld.zoo import small_cnn
 

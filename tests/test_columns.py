@@ -13,7 +13,7 @@ from torch import nn
 
 import netmeld
 from netmeld import Member, Preprocessing
-from netmeld.scenarios import TableScenario
+from netmeld.demo.scenarios import TableScenario
 
 from ._tables import wine_scenario
 

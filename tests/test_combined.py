@@ -197,7 +197,7 @@ def test_predict_returns_label_names(digits2):
 
 
 def test_untraceable_member_runs_whole_and_round_trips(tmp_path):
-    from netmeld.graph import trace_member
+    from netmeld.members.graph import trace_member
 
     model_a = _Branchy().eval()
     a = Member(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import netmeld
-from netmeld.distill import distill
+from netmeld.methods.distill import distill
 from netmeld.errors import DataError, MemberError
 
 
@@ -66,7 +66,7 @@ def _bn_mismatch(teacher, x):
 
 
 def test_data_free_inputs_match_the_batchnorm_statistics(digits2, taught):
-    from netmeld.distill import synthesize
+    from netmeld.methods.distill import synthesize
 
     teacher, _ = taught
     x = synthesize(teacher, 64, steps=50, seed=1)

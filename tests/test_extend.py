@@ -11,7 +11,7 @@ from PIL import Image
 
 import netmeld
 from netmeld.cli import main
-from netmeld.scenarios import Scenario, digits_scenario, few_per_class
+from netmeld.demo.scenarios import Scenario, digits_scenario, few_per_class
 
 OLD = [str(d) for d in range(8)]
 NEW = ["8", "9"]

@@ -8,9 +8,9 @@ import yaml
 from safetensors.torch import save_file
 
 import netmeld
-from netmeld import fusion
+from netmeld.methods.fusion import all_tmp as fusion
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
-from netmeld.scenarios import load_digits_images
+from netmeld.demo.scenarios import load_digits_images
 from netmeld.zoo import small_cnn
 
 from ._ddp import two_process_run
@@ -359,6 +359,6 @@ def test_netmeld_train_multitask_recipe_reads_a_folder_per_task(digits, tmp_path
     bad = dict(recipe, data="digit")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(netmeld.RecipeError, match="maps each task"):
-        from netmeld.recipe import read_train_recipe
+        from netmeld.cli.recipes import read_train_recipe
 
         read_train_recipe(tmp_path / "bad.yaml")

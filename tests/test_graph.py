@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from netmeld import CombinedModel, Member, MemberError, Preprocessing
-from netmeld.graph import find_head, plan_groups, share_summary, trace_member
+from netmeld.members.graph import find_head, plan_groups, share_summary, trace_member
 
 PRE = Preprocessing((3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

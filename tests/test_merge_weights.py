@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from netmeld.cli import main
 from netmeld.errors import IncompatibleMembersError, RecipeError
-from netmeld.merge_weights import merge_checkpoints, merge_state_dicts, read_merge_recipe
-from netmeld.shards import CheckpointReader, ShardedWriter
+from netmeld.io.checkpoint_merge import merge_checkpoints, merge_state_dicts, read_merge_recipe
+from netmeld.io.shards import CheckpointReader, ShardedWriter
 
 
 def _state(seed: int, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -190,7 +190,7 @@ def test_recipe_errors_list_the_valid_choices(tmp_path):
 
 def test_a_crash_mid_merge_leaves_nothing(checkpoints, monkeypatch):
     tmp_path, *_ = checkpoints
-    import netmeld.merge_weights as mw
+    import netmeld.io.checkpoint_merge as mw
 
     calls = {"n": 0}
     real = mw.merge_tensor

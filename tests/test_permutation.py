@@ -9,7 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from netmeld.errors import IncompatibleMembersError, MemberError
-from netmeld.permutation import align, interpolate, permutation_spec, permuted
+from netmeld.methods.permutation import align, interpolate, permutation_spec, permuted
 from netmeld.zoo import mlp, resnet20, small_cnn, vgg
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import netmeld
 from netmeld.cli import main
-from netmeld.scenarios import table_scenario
+from netmeld.demo.scenarios import table_scenario
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 import netmeld
 from netmeld import Architecture, Member, Preprocessing, evaluate
 from netmeld.errors import IncompatibleMembersError, MethodError
-from netmeld.methods.weights import count_macs
-from netmeld.permutation import align, interpolate
-from netmeld.scenarios import load_digits_images, train_classifier
+from netmeld.methods.merge import count_macs
+from netmeld.methods.permutation import align, interpolate
+from netmeld.demo.scenarios import load_digits_images, train_classifier
 from netmeld.zoo import mlp
 
 NAMES = [str(d) for d in range(10)]
@@ -170,7 +170,7 @@ def test_recipe_merges_bodies_like_the_python_api(digits, finetuned, tmp_path):
     from safetensors.torch import save_file
 
     from netmeld.errors import RecipeError
-    from netmeld.recipe import read_recipe, run_recipe
+    from netmeld.cli.recipes import read_recipe, run_recipe
 
     base, a, b = finetuned
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))

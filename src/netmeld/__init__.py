@@ -5,12 +5,12 @@
 >>> netmeld.evaluate(model, (test_images, test_labels))
 """
 
-from netmeld import fusion
+from netmeld.methods.fusion import all_tmp as fusion
 from netmeld._version import __version__
-from netmeld.bridges import export_onnx, keras_member, keras_members, onnx_member
-from netmeld.combined import CombinedModel, load
+from netmeld.io.bridges_tmp import export_onnx, keras_member, keras_members, onnx_member
+from netmeld.model.combined import CombinedModel, load
 from netmeld.data import Data, load_data
-from netmeld.distill import distill
+from netmeld.methods.distill import distill
 from netmeld.errors import (
     CheckpointError,
     DataError,
@@ -23,12 +23,12 @@ from netmeld.errors import (
     RecipeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
-from netmeld.extend import extend
-from netmeld.fusion import fit, hierarchical, multitask, parallel
-from netmeld.meld import extract, meld
-from netmeld.members import Architecture, Member, Preprocessing
+from netmeld.methods.extend import extend
+from netmeld.methods.fusion.all_tmp import fit, hierarchical, multitask, parallel
+from netmeld.methods.meld import extract, meld
+from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.methods import get_method, list_methods, register_method
-from netmeld.methods.weights import merge_members, zip_members
+from netmeld.methods.merge import merge_members, zip_members
 
 __all__ = [
     "Architecture",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from netmeld._progress import track
-from netmeld.combined import CombinedModel
+from netmeld.model.combined import CombinedModel
 from netmeld.data import load_data
 
 

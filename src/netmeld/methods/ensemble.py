@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from netmeld.combiners import Ensemble, Stacker
+from netmeld.model.heads import Ensemble, Stacker
 from netmeld.errors import MethodError
 from netmeld.methods._registry import MethodParams, register_method
 from netmeld.methods.union import _fit, _stratified_folds
 
 if TYPE_CHECKING:
-    from netmeld.combined import CombinedModel
-    from netmeld.meld import Extracted
+    from netmeld.model.combined import CombinedModel
+    from netmeld.methods.meld import Extracted
 
 
 def member_logits(model: CombinedModel, extracted: Extracted) -> list[torch.Tensor]:

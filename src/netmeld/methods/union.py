@@ -34,8 +34,8 @@ from netmeld.errors import MethodError
 from netmeld.methods._registry import MethodParams, register_method
 
 if TYPE_CHECKING:
-    from netmeld.combined import CombinedModel
-    from netmeld.meld import Extracted
+    from netmeld.model.combined import CombinedModel
+    from netmeld.methods.meld import Extracted
 
 
 def _heads(model: CombinedModel) -> list[nn.Linear]:
@@ -180,7 +180,7 @@ def bn_feature_moments(member: object) -> tuple[torch.Tensor, torch.Tensor]:
     pooling is taken to keep the variance (a factor shared by every member sharing the features,
     so it cancels when members are compared).
     """
-    from netmeld.graph import trace_member
+    from netmeld.members.graph import trace_member
 
     t = trace_member(member)  # type: ignore[arg-type]
     name = t.member.name
@@ -659,7 +659,7 @@ def _stratified_folds(targets: torch.Tensor, k: int) -> list[torch.Tensor]:
 
 
 def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
-    from netmeld.meld import Extracted as _Extracted
+    from netmeld.methods.meld import Extracted as _Extracted
 
     return _Extracted(
         [f[rows] for f in extracted.features],

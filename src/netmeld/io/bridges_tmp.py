@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from netmeld.errors import DataError, MemberError, ModelFileError
-from netmeld.members import Architecture, Member, Preprocessing, read_labels
+from netmeld.members.member import Architecture, Member, Preprocessing, read_labels
 
 # -- Keras ------------------------------------------------------------------------------------
 
@@ -231,7 +231,7 @@ def keras_member(
         name=name or (Path(source).stem if source else model.name).replace(".", "-"),
         preprocessing=preprocessing,
         architecture=Architecture(
-            "netmeld.bridges:keras_classifier", {"config": config, "output": module.output_name}
+            "netmeld.io.bridges_tmp:keras_classifier", {"config": config, "output": module.output_name}
         ),
         head="fc",
     )
@@ -371,7 +371,7 @@ def onnx_member(
         name=name or path.stem.replace(".", "-"),
         preprocessing=preprocessing,
         architecture=Architecture(
-            "netmeld.bridges:onnx_module", {"graph": _strip_weights(onnx, proto)}
+            "netmeld.io.bridges_tmp:onnx_module", {"graph": _strip_weights(onnx, proto)}
         ),
     )
 

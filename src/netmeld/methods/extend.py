@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from netmeld._progress import track
-from netmeld.combined import CombinedModel
-from netmeld.combiners import Extension
+from netmeld.model.combined import CombinedModel
+from netmeld.model.heads import Extension
 from netmeld.data import load_data
 from netmeld.errors import DataError, LabelError
 

@@ -88,7 +88,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_meld(args: argparse.Namespace) -> int:
-    from netmeld.recipe import run_recipe
+    from netmeld.cli.recipes import run_recipe
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -149,7 +149,7 @@ def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from netmeld.recipe import run_distill_recipe
+    from netmeld.cli.recipes import run_distill_recipe
 
     return _train_and_save(
         args,
@@ -161,7 +161,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from netmeld.recipe import run_train_recipe
+    from netmeld.cli.recipes import run_train_recipe
 
     def what(model: Any) -> str:
         params = model.method["params"]
@@ -180,8 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from netmeld.bridges import export_onnx
-    from netmeld.combined import load
+    from netmeld.io.bridges_tmp import export_onnx
+    from netmeld.model.combined import load
 
     model = load(args.model)
     diff = export_onnx(model, args.onnx, opset=args.opset, overwrite=args.overwrite)
@@ -198,8 +198,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_weights(args: argparse.Namespace) -> int:
-    from netmeld.merge_weights import merge_checkpoints, read_merge_recipe
-    from netmeld.shards import CheckpointReader
+    from netmeld.io.checkpoint_merge import merge_checkpoints, read_merge_recipe
+    from netmeld.io.shards import CheckpointReader
 
     if Path(args.output).exists() and not args.overwrite:
         raise NetmeldError(f"{args.output!r} exists; pass --overwrite to replace it")
@@ -215,7 +215,7 @@ def _cmd_merge_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from netmeld.combined import load
+    from netmeld.model.combined import load
     from netmeld.data import load_data
     from netmeld.evaluate import evaluate, render_table
 
@@ -240,8 +240,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_extend(args: argparse.Namespace) -> int:
-    from netmeld.combined import load
-    from netmeld.extend import extend
+    from netmeld.model.combined import load
+    from netmeld.methods.extend import extend
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -271,7 +271,7 @@ def _cmd_extend(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from netmeld.combined import load
+    from netmeld.model.combined import load
     from netmeld.data import image_files, read_image
 
     model = load(args.model)
@@ -303,9 +303,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _inspect_members(
     items: Sequence[str], arch: str | None, arch_kwargs: dict[str, Any]
 ) -> list[Any]:
-    from netmeld.combined import CONFIG_FILE, load
-    from netmeld.members import Member, Preprocessing, read_state_dict
-    from netmeld.recipe import read_recipe, recipe_members
+    from netmeld.model.combined import CONFIG_FILE, load
+    from netmeld.members.member import Member, Preprocessing, read_state_dict
+    from netmeld.cli.recipes import read_recipe, recipe_members
 
     members: list[Any] = []
     for item in items:
@@ -349,8 +349,8 @@ def _unique(name: str, members: Sequence[Any]) -> str:
 
 def _num_outputs(arch: str, arch_kwargs: dict[str, Any], tensors: dict[str, Any], item: str) -> int:
     """The number of classes a checkpoint's head has, read from its tensors."""
-    from netmeld.graph import find_head
-    from netmeld.members import Architecture, Member, Preprocessing
+    from netmeld.members.graph import find_head
+    from netmeld.members.member import Architecture, Member, Preprocessing
 
     module = Architecture.parse(arch, arch_kwargs).build()
     out = [m for m in module.modules() if hasattr(m, "out_features")]
@@ -374,7 +374,7 @@ def _num_outputs(arch: str, arch_kwargs: dict[str, Any], tensors: dict[str, Any]
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from netmeld.graph import plan_groups, share_summary, trace_member
+    from netmeld.members.graph import plan_groups, share_summary, trace_member
 
     try:
         arch_kwargs = json.loads(args.arch_kwargs)

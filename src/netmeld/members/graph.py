@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from netmeld.errors import MemberError
-from netmeld.members import Member
+from netmeld.members.member import Member
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads", "last_linear", "_fc")
 # Ops allowed between the head and the model's output: they do not change logits.

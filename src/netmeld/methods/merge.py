@@ -22,19 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
-from netmeld.combined import CombinedModel, Preprocess
+from netmeld.model.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
-from netmeld.graph import find_head
-from netmeld.members import Member, read_state_dict
-from netmeld.merge_weights import check_same_tensors, merge_state_dicts, shapes_of
+from netmeld.members.graph import find_head
+from netmeld.members.member import Member, read_state_dict
+from netmeld.io.checkpoint_merge import check_same_tensors, merge_state_dicts, shapes_of
 from netmeld.ops.matching import (
     activation_matching,
     weight_matching,
     zip_matching,
 )
 from netmeld.ops.merge import get_kernel
-from netmeld.permutation import (
+from netmeld.methods.permutation import (
     PermutationSpec,
     correlation_stats,
     permutation_spec,
@@ -146,7 +146,7 @@ def _union(
     seed: int,
     progress: bool | None,
 ) -> CombinedModel:
-    from netmeld.meld import meld
+    from netmeld.methods.meld import meld
     from netmeld.methods import get_method
 
     info = get_method(union)
@@ -561,7 +561,7 @@ def _zip_repair(
 ) -> None:
     """REPAIR for a zipped network without BatchNorm: each merged unit's output mean and
     standard deviation are set to the average of the units it merged, layer by layer."""
-    from netmeld.permutation import channel_stats, rescale_outputs
+    from netmeld.methods.permutation import channel_stats, rescale_outputs
 
     modules = [m.module for m in rebuilt]
     for layer, group in spec.layers:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.members import Architecture, Member, Preprocessing
+from netmeld.members.member import Architecture, Member, Preprocessing
 
 
 def load_digits_images() -> tuple[torch.Tensor, np.ndarray]:

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from netmeld.errors import MethodError, RecipeError, validation_problems
-from netmeld.members import Member, Preprocessing
+from netmeld.members.member import Member, Preprocessing
 from netmeld.methods import get_method
 
 
@@ -193,11 +193,11 @@ def load_member(spec: MemberSpec, base: Path) -> Member:
     pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
     suffix = path.suffix.lower()
     if suffix in (".keras", ".h5", ".hdf5"):
-        from netmeld.bridges import keras_member
+        from netmeld.io.bridges_tmp import keras_member
 
         return keras_member(path, labels, name=spec.name, output=spec.output, preprocessing=pre)
     if suffix == ".onnx":
-        from netmeld.bridges import onnx_member
+        from netmeld.io.bridges_tmp import onnx_member
 
         return onnx_member(path, labels, name=spec.name, preprocessing=pre)
     assert spec.architecture is not None and pre is not None
@@ -219,13 +219,13 @@ def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
 
 def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
     """Read a recipe, load its members and data, and return the combined model."""
-    from netmeld.meld import meld
+    from netmeld.methods.meld import meld
 
     recipe, base = read_recipe(path)
     members = recipe_members(recipe, base)
     data = None if recipe.data is None else _resolve(base, recipe.data)
     if recipe.merge is not None:
-        from netmeld.methods.weights import merge_members, zip_members
+        from netmeld.methods.merge import merge_members, zip_members
 
         spec = recipe.merge
         if spec.method == "zipit":
@@ -361,9 +361,9 @@ def run_distill_recipe(
     progress: bool | None = None,
 ) -> Any:
     """Read a distillation recipe and return the distilled one-member combined model."""
-    from netmeld.combined import load
-    from netmeld.distill import distill
-    from netmeld.meld import meld
+    from netmeld.model.combined import load
+    from netmeld.methods.distill import distill
+    from netmeld.methods.meld import meld
 
     recipe, base = read_distill_recipe(path)
     data = None if recipe.data is None else _resolve(base, recipe.data)
@@ -390,7 +390,7 @@ def run_distill_recipe(
         )
     student = None
     if recipe.student is not None:
-        from netmeld.members import Architecture, Member
+        from netmeld.members.member import Architecture, Member
 
         arch = Architecture.parse(recipe.student.architecture, recipe.student.architecture_kwargs)
         pre = (
@@ -504,7 +504,7 @@ def read_train_recipe(path: str | Path) -> tuple[TrainRecipe, Path]:
 
 
 def _part(spec: PartSpec, base: Path) -> Any:
-    from netmeld.members import Architecture
+    from netmeld.members.member import Architecture
 
     if spec.member is not None:
         return load_member(spec.member, base)
@@ -520,13 +520,13 @@ def run_train_recipe(
     progress: bool | None = None,
 ) -> Any:
     """Read a ``netmeld train`` recipe, build the fused model and train it."""
-    from netmeld import fusion
+    from netmeld.methods.fusion import all_tmp as fusion
     from netmeld.data import Data, load_data
 
     recipe, base = read_train_recipe(path)
     labels: Any = recipe.labels
     if isinstance(labels, str):
-        from netmeld.members import read_labels
+        from netmeld.members.member import read_labels
 
         labels = list(read_labels(_resolve(base, labels)))
     if recipe.build == "parallel":

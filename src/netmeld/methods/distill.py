@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.combined import CombinedModel, Preprocess
+from netmeld.model.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
 from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import DataError, MemberError
-from netmeld.graph import find_head
-from netmeld.members import Architecture, Member
+from netmeld.members.graph import find_head
+from netmeld.members.member import Architecture, Member
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def _default_student(
     if init in ("member", "merge"):
         source = first
         if init == "merge":  # the members' bodies merged in weight space (aligned if needed)
-            from netmeld.methods.weights import merge_members
+            from netmeld.methods.merge import merge_members
 
             if len(teacher.members) < 2:
                 raise MemberError("init='merge' needs at least two teacher members")
@@ -249,7 +249,7 @@ def distill(
             "or data_free=N to synthesize N inputs from the teachers"
         )
     if not isinstance(teacher, CombinedModel):
-        from netmeld.meld import meld
+        from netmeld.methods.meld import meld
         from netmeld.methods import get_method
 
         info = get_method(union)

@@ -418,7 +418,7 @@ def permuted(
 
 
 def _check_same(a: nn.Module, b: nn.Module, what_a: str, what_b: str) -> None:
-    from netmeld.merge_weights import check_same_tensors, shapes_of
+    from netmeld.io.checkpoint_merge import check_same_tensors, shapes_of
 
     check_same_tensors([(what_a, shapes_of(a.state_dict())), (what_b, shapes_of(b.state_dict()))])
 

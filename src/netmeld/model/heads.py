@@ -25,7 +25,7 @@ from torch import nn
 from netmeld.errors import ModelFileError
 
 if TYPE_CHECKING:
-    from netmeld.combined import MemberOutputs
+    from netmeld.model.combined import MemberOutputs
 
 ENSEMBLE_MODES = ("mean", "vote", "max")
 UNKNOWN_RULES = ("renormalize", "zero")

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from netmeld._progress import track
-from netmeld.combined import CombinedModel
+from netmeld.model.combined import CombinedModel
 from netmeld.data import load_data
 from netmeld.errors import DataError, IncompatibleMembersError
-from netmeld.members import Member
+from netmeld.members.member import Member
 from netmeld.methods import get_method
 
 

@@ -31,9 +31,9 @@ from torch import nn
 
 from netmeld._atomic import swap_in
 from netmeld._version import __version__
-from netmeld.combiners import Combiner, Extension, combiner_from_config
+from netmeld.model.heads import Combiner, Extension, combiner_from_config
 from netmeld.errors import DataError, IncompatibleMembersError, LabelError, ModelFileError
-from netmeld.graph import (
+from netmeld.members.graph import (
     CapturedBody,
     Group,
     TracedMember,
@@ -41,7 +41,7 @@ from netmeld.graph import (
     plan_groups,
     trace_member,
 )
-from netmeld.members import Architecture, Member, Preprocessing
+from netmeld.members.member import Architecture, Member, Preprocessing
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
