@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 import netmeld
-from netmeld.model.combined import MemberOutputs, Preprocess
-from netmeld.members.member import Member, Preprocessing
 from netmeld.demo.scenarios import features_of, train_linear_head
+from netmeld.members.member import Member, Preprocessing
+from netmeld.model.combined import MemberOutputs, Preprocess
 
 MEAN, STD = 127.0 / 255.0, 128.0 / 255.0
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
 from netmeld import Architecture, Member, Preprocessing, evaluate
-from netmeld.methods.merge import count_macs
 from netmeld.demo.scenarios import train_classifier
+from netmeld.methods.merge import count_macs
 from netmeld.zoo import resnet20, vgg
 
 TASKS = [list(range(5)), list(range(5, 10))]

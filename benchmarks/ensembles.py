@@ -41,8 +41,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
-from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.demo.scenarios import few_per_class, table_scenario, train_classifier
+from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.zoo import SmallCNN
 
 # (row name, method, params, data kind); data kind: none | labeled

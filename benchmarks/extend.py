@@ -39,8 +39,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
-from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.demo.scenarios import few_per_class, train_classifier
+from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.zoo import SmallCNN
 
 OLD_SPLITS = [[0, 1, 2, 3], [4, 5, 6, 7]]

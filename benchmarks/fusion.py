@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
-from netmeld.methods.fusion import all_tmp as fusion
+from netmeld.methods import fusion
 
 CNN = netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 1, "width": 16, "blocks": 2})
 VGG = netmeld.Architecture(

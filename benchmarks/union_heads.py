@@ -36,10 +36,6 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netmeld
-from netmeld.evaluate import metrics_from_logits
-from netmeld.methods.meld import extract
-from netmeld.members.member import Preprocessing
-from netmeld.methods import get_method, list_methods
 from netmeld.demo.scenarios import (
     Scenario,
     digits_scenario,
@@ -48,6 +44,10 @@ from netmeld.demo.scenarios import (
     train_classifier,
     transfer_scenario,
 )
+from netmeld.evaluate import metrics_from_logits
+from netmeld.members.member import Preprocessing
+from netmeld.methods import get_method, list_methods
+from netmeld.methods.meld import extract
 from netmeld.zoo import SmallCNN
 
 SPLITS = {

@@ -383,8 +383,8 @@ def part_rebasin(
     from _datasets import load_idx
     from safetensors.torch import load_file, save_file
 
-    from netmeld.methods.permutation import align, interpolate, repair
     from netmeld.demo.scenarios import train_classifier
+    from netmeld.methods.permutation import align, interpolate, repair
 
     xtr, ytr = load_idx(dataset, "train", root)  # type: ignore[arg-type]
     xte, yte = load_idx(dataset, "test", root)  # type: ignore[arg-type]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import netmeld
-from netmeld.io import bridges_tmp as bridges
-from netmeld.methods.fusion import all_tmp as fusion
 from netmeld.errors import MemberError, ModelFileError
+from netmeld.members import bridges
+from netmeld.methods import fusion
 from netmeld.zoo import small_cnn
 
 S = 16  # image size of the forum's models here

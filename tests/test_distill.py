@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import netmeld
-from netmeld.methods.distill import distill
 from netmeld.errors import DataError, MemberError
+from netmeld.methods.distill import distill
 
 
 @pytest.fixture(scope="module")

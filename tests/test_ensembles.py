@@ -10,9 +10,9 @@ import torch
 
 import netmeld
 from netmeld import Architecture, Member, Preprocessing
-from netmeld.model.heads import Ensemble, FeatureHead, Stacker
 from netmeld.demo import method_data
 from netmeld.demo.scenarios import TableScenario, few_per_class
+from netmeld.model.heads import Ensemble, FeatureHead, Stacker
 from netmeld.zoo import MLP
 
 from ._tables import wine_scenario

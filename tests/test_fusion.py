@@ -8,9 +8,9 @@ import yaml
 from safetensors.torch import save_file
 
 import netmeld
-from netmeld.methods.fusion import all_tmp as fusion
-from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.demo.scenarios import load_digits_images
+from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
+from netmeld.methods import fusion
 from netmeld.zoo import small_cnn
 
 from ._ddp import two_process_run

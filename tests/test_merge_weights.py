@@ -14,6 +14,7 @@ from netmeld.cli import main
 from netmeld.errors import IncompatibleMembersError, RecipeError
 from netmeld.io.checkpoint_merge import merge_checkpoints, merge_state_dicts, read_merge_recipe
 from netmeld.io.shards import CheckpointReader, ShardedWriter
+from netmeld.ops.merge import KERNELS
 
 
 def _state(seed: int, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -87,10 +88,10 @@ GLOBAL = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(GLOBAL))
+@pytest.mark.parametrize("method", sorted(k for k, v in KERNELS.items() if v.needs == "none"))
 def test_streaming_merge_equals_in_memory_merge(checkpoints, method):
     tmp_path, base, a, b = checkpoints
-    sparse = method not in ("linear", "task-arithmetic")
+    sparse = "density" in KERNELS[method].defaults
     models = [
         {"model": name, "parameters": {"weight": w, **({"density": d} if sparse else {})}}
         for name, w, d in (("a", 0.7, 0.5), ("b", 0.3, 0.4))
@@ -99,17 +100,17 @@ def test_streaming_merge_equals_in_memory_merge(checkpoints, method):
         tmp_path,
         merge_method=method,
         models=models,
-        parameters=GLOBAL[method],
-        base_model=None if method == "linear" else "base.safetensors",
+        parameters=GLOBAL.get(method, {}),
+        base_model="base.safetensors" if KERNELS[method].needs_base else None,
     )
     out = merge_checkpoints(recipe, tmp_path / "out")
     streamed = {k: CheckpointReader(out).get(k) for k in CheckpointReader(out)}
     expected = merge_state_dicts(
         method,
         [a, b],
-        base=None if method == "linear" else base,
+        base=base if KERNELS[method].needs_base else None,
         weights=[0.7, 0.3],
-        params={**GLOBAL[method], **({"density": [0.5, 0.4]} if sparse else {})},
+        params={**GLOBAL.get(method, {}), **({"density": [0.5, 0.4]} if sparse else {})},
     )
     assert streamed.keys() == expected.keys()
     for k in expected:

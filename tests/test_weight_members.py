@@ -8,10 +8,11 @@ import torch
 
 import netmeld
 from netmeld import Architecture, Member, Preprocessing, evaluate
+from netmeld.demo.scenarios import load_digits_images, train_classifier
 from netmeld.errors import IncompatibleMembersError, MethodError
 from netmeld.methods.merge import count_macs
 from netmeld.methods.permutation import align, interpolate
-from netmeld.demo.scenarios import load_digits_images, train_classifier
+from netmeld.ops.merge import KERNELS
 from netmeld.zoo import mlp
 
 NAMES = [str(d) for d in range(10)]
@@ -91,23 +92,13 @@ def test_identical_bodies_merge_to_themselves(digits, finetuned):
     torch.testing.assert_close(merged(x), by_hand(x))
 
 
-@pytest.mark.parametrize(
-    "method, extra",
-    [
-        ("linear", {}),
-        ("task-arithmetic", {"base": True}),
-        ("ties", {"base": True}),
-        ("dare-ties", {"base": True}),
-        ("fisher", {"data": True}),
-        ("regmean", {"data": True}),
-    ],
-)
-def test_merged_body_serves_both_tasks(digits, finetuned, method, extra):
+@pytest.mark.parametrize("method", sorted(KERNELS))
+def test_merged_body_serves_both_tasks(digits, finetuned, method):
     base, a, b = finetuned
     kwargs = {}
-    if extra.get("base"):
+    if KERNELS[method].needs_base:
         kwargs["base"] = base
-    if extra.get("data"):
+    if KERNELS[method].needs != "none":
         kwargs["data"] = digits.x[digits.train[:300]]
     merged = netmeld.merge_members([a, b], method, **kwargs)
     alone = _best_alone(digits, a, b)
@@ -169,28 +160,38 @@ def test_recipe_merges_bodies_like_the_python_api(digits, finetuned, tmp_path):
     import yaml
     from safetensors.torch import save_file
 
-    from netmeld.errors import RecipeError
     from netmeld.cli.recipes import read_recipe, run_recipe
+    from netmeld.errors import RecipeError
 
     base, a, b = finetuned
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
     members = []
     for m, classes in ((a, A), (b, B)):
         save_file(m.module.state_dict(), str(tmp_path / f"{m.name}.safetensors"))
-        members.append({
-            "name": m.name, "checkpoint": f"{m.name}.safetensors",
-            "architecture": "netmeld.zoo:mlp",
-            "architecture_kwargs": {"in_features": 64, "num_classes": 5, "hidden": 64},
-            "labels": [NAMES[c] for c in classes], "preprocessing": {"input_shape": [64]},
-        })
-    recipe = {"members": members, "method": "concat",
-              "merge": {"method": "ties", "base": "base.safetensors", "params": {"density": 0.5},
-                        "align": "none"}}
+        members.append(
+            {
+                "name": m.name,
+                "checkpoint": f"{m.name}.safetensors",
+                "architecture": "netmeld.zoo:mlp",
+                "architecture_kwargs": {"in_features": 64, "num_classes": 5, "hidden": 64},
+                "labels": [NAMES[c] for c in classes],
+                "preprocessing": {"input_shape": [64]},
+            }
+        )
+    recipe = {
+        "members": members,
+        "method": "concat",
+        "merge": {
+            "method": "ties",
+            "base": "base.safetensors",
+            "params": {"density": 0.5},
+            "align": "none",
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     from_recipe = run_recipe(path)
-    by_api = netmeld.merge_members([a, b], "ties", base=base, params={"density": 0.5},
-                                   align="none")
+    by_api = netmeld.merge_members([a, b], "ties", base=base, params={"density": 0.5}, align="none")
     x = digits.test[0]
     torch.testing.assert_close(from_recipe(x), by_api(x))
     assert from_recipe.method["merge"]["method"] == "ties"

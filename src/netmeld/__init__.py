@@ -5,12 +5,9 @@
 >>> netmeld.evaluate(model, (test_images, test_labels))
 """
 
-from netmeld.methods.fusion import all_tmp as fusion
+from netmeld import _deprecated
 from netmeld._version import __version__
-from netmeld.io.bridges_tmp import export_onnx, keras_member, keras_members, onnx_member
-from netmeld.model.combined import CombinedModel, load
 from netmeld.data import Data, load_data
-from netmeld.methods.distill import distill
 from netmeld.errors import (
     CheckpointError,
     DataError,
@@ -23,12 +20,18 @@ from netmeld.errors import (
     RecipeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
-from netmeld.methods.extend import extend
-from netmeld.methods.fusion.all_tmp import fit, hierarchical, multitask, parallel
-from netmeld.methods.meld import extract, meld
+from netmeld.members.bridges import export_onnx, keras_member, keras_members, onnx_member
 from netmeld.members.member import Architecture, Member, Preprocessing
-from netmeld.methods import get_method, list_methods, register_method
+from netmeld.methods import fusion, get_method, list_methods, register_method
+from netmeld.methods.distill import distill
+from netmeld.methods.extend import extend
+from netmeld.methods.fusion import fit, hierarchical, multitask, parallel
+from netmeld.methods.meld import extract, meld
 from netmeld.methods.merge import merge_members, zip_members
+from netmeld.model.artifact import load
+from netmeld.model.combined import CombinedModel
+
+_deprecated.install()
 
 __all__ = [
     "Architecture",

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from netmeld._progress import track
-from netmeld.model.combined import CombinedModel
 from netmeld.data import load_data
+from netmeld.model.combined import CombinedModel
 
 
 @dataclass

@@ -180,8 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from netmeld.io.bridges_tmp import export_onnx
-    from netmeld.model.combined import load
+    from netmeld.members.bridges import export_onnx
+    from netmeld.model.artifact import load
 
     model = load(args.model)
     diff = export_onnx(model, args.onnx, opset=args.opset, overwrite=args.overwrite)
@@ -215,9 +215,9 @@ def _cmd_merge_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from netmeld.model.combined import load
     from netmeld.data import load_data
     from netmeld.evaluate import evaluate, render_table
+    from netmeld.model.artifact import load
 
     models = {str(path): load(path) for path in args.models}
     first = next(iter(models.values()))
@@ -240,8 +240,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_extend(args: argparse.Namespace) -> int:
-    from netmeld.model.combined import load
     from netmeld.methods.extend import extend
+    from netmeld.model.artifact import load
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -271,8 +271,8 @@ def _cmd_extend(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from netmeld.model.combined import load
     from netmeld.data import image_files, read_image
+    from netmeld.model.artifact import load
 
     model = load(args.model)
     files: list[Path] = []
@@ -303,9 +303,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _inspect_members(
     items: Sequence[str], arch: str | None, arch_kwargs: dict[str, Any]
 ) -> list[Any]:
-    from netmeld.model.combined import CONFIG_FILE, load
-    from netmeld.members.member import Member, Preprocessing, read_state_dict
     from netmeld.cli.recipes import read_recipe, recipe_members
+    from netmeld.members.member import Member, Preprocessing, read_state_dict
+    from netmeld.model.artifact import load
+    from netmeld.model.combined import CONFIG_FILE
 
     members: list[Any] = []
     for item in items:

@@ -193,11 +193,11 @@ def load_member(spec: MemberSpec, base: Path) -> Member:
     pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
     suffix = path.suffix.lower()
     if suffix in (".keras", ".h5", ".hdf5"):
-        from netmeld.io.bridges_tmp import keras_member
+        from netmeld.members.bridges import keras_member
 
         return keras_member(path, labels, name=spec.name, output=spec.output, preprocessing=pre)
     if suffix == ".onnx":
-        from netmeld.io.bridges_tmp import onnx_member
+        from netmeld.members.bridges import onnx_member
 
         return onnx_member(path, labels, name=spec.name, preprocessing=pre)
     assert spec.architecture is not None and pre is not None
@@ -361,9 +361,9 @@ def run_distill_recipe(
     progress: bool | None = None,
 ) -> Any:
     """Read a distillation recipe and return the distilled one-member combined model."""
-    from netmeld.model.combined import load
     from netmeld.methods.distill import distill
     from netmeld.methods.meld import meld
+    from netmeld.model.artifact import load
 
     recipe, base = read_distill_recipe(path)
     data = None if recipe.data is None else _resolve(base, recipe.data)
@@ -520,8 +520,8 @@ def run_train_recipe(
     progress: bool | None = None,
 ) -> Any:
     """Read a ``netmeld train`` recipe, build the fused model and train it."""
-    from netmeld.methods.fusion import all_tmp as fusion
     from netmeld.data import Data, load_data
+    from netmeld.methods import fusion
 
     recipe, base = read_train_recipe(path)
     labels: Any = recipe.labels

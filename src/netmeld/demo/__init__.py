@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from netmeld.model.combined import load
-from netmeld.evaluate import Report, evaluate, render_table
-from netmeld.methods.meld import meld
-from netmeld.methods import get_method
 from netmeld.demo.scenarios import Scenario, digits_scenario, few_per_class
+from netmeld.evaluate import Report, evaluate, render_table
+from netmeld.methods import get_method
+from netmeld.methods.meld import meld
+from netmeld.model.artifact import load
 
 SPLITS = {
     "2 members (0-4 | 5-9)": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],

@@ -1,1 +1,1 @@
-
+"""File formats: sharded safetensors checkpoints and the out-of-core checkpoint merge."""

@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from netmeld._progress import track
 from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError, validation_problems
-from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
 from netmeld.io.shards import CheckpointReader, ShardedWriter, parse_size
+from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
 
 PER_MODEL = ("weight", "density", "gamma")
 _DTYPES = {

@@ -1,6 +1,8 @@
 """Combination methods, registered by name. Each family lives in its own module."""
 
-from netmeld.methods import ensemble, transfer, union  # noqa: F401  (registers the methods)
+# registers the methods, in the order `netmeld methods` lists them
+from netmeld.methods import union  # noqa: F401, I001
+from netmeld.methods import ensemble, fusion, transfer  # noqa: F401
 from netmeld.methods._registry import (
     MethodInfo,
     MethodParams,

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from netmeld.errors import MethodError
 
 if TYPE_CHECKING:
+    from netmeld.methods._extract import Extracted
     from netmeld.model.combined import CombinedModel
-    from netmeld.methods.meld import Extracted
 
 DataNeed = Literal["none", "unlabeled", "labeled"]
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

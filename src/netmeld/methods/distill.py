@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.model.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
 from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
+from netmeld.model.combined import CombinedModel, Preprocess
 
 
 @torch.no_grad()
@@ -249,8 +249,8 @@ def distill(
             "or data_free=N to synthesize N inputs from the teachers"
         )
     if not isinstance(teacher, CombinedModel):
+        from netmeld.methods._registry import get_method
         from netmeld.methods.meld import meld
-        from netmeld.methods import get_method
 
         info = get_method(union)
         teacher = meld(

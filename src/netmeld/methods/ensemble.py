@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from netmeld.model.heads import Ensemble, Stacker
 from netmeld.errors import MethodError
+from netmeld.methods._fit import fit_lbfgs, stratified_folds
 from netmeld.methods._registry import MethodParams, register_method
-from netmeld.methods.union import _fit, _stratified_folds
+from netmeld.model.heads import Ensemble, Stacker
 
 if TYPE_CHECKING:
+    from netmeld.methods._extract import Extracted
     from netmeld.model.combined import CombinedModel
-    from netmeld.methods.meld import Extracted
 
 
 def member_logits(model: CombinedModel, extracted: Extracted) -> list[torch.Tensor]:
@@ -170,7 +170,7 @@ def fit_weighted(
             p = ensemble.mean_probs(probs, raw.softmax(0) * len(model.members))
             return F.nll_loss(torch.log(p.clamp_min(1e-12)), targets)
 
-        _fit([raw], loss_fn, params.steps)
+        fit_lbfgs([raw], loss_fn, params.steps)
         ensemble.weights.data.copy_(raw.detach().softmax(0) * len(model.members))
         with torch.no_grad():
             loss = float(loss_fn())
@@ -228,7 +228,7 @@ def _train_meta(
         with torch.no_grad():
             for p in parameters:
                 p.zero_()
-        _fit(parameters, loss_fn, params.steps)
+        fit_lbfgs(parameters, loss_fn, params.steps)
     else:
         optimizer = torch.optim.Adam(parameters, lr=1e-2)
         for _ in range(params.steps):
@@ -269,7 +269,7 @@ def fit_stack(
     fitted: dict[str, object] = {}
     l2 = params.l2
     if l2 is None:
-        folds = _stratified_folds(targets, params.folds)
+        folds = stratified_folds(targets, params.folds)
         scores: dict[float, tuple[float, float]] = {}
         for candidate in L2_GRID:
             correct, loss = 0.0, 0.0

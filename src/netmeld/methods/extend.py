@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from netmeld._progress import track
-from netmeld.model.combined import CombinedModel
-from netmeld.model.heads import Extension
 from netmeld.data import load_data
 from netmeld.errors import DataError, LabelError
+from netmeld.model.combined import CombinedModel
+from netmeld.model.heads import Extension
 
 
 @torch.no_grad()

@@ -22,18 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
-from netmeld.model.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
+from netmeld.io.checkpoint_merge import check_same_tensors, merge_state_dicts, shapes_of
 from netmeld.members.graph import find_head
 from netmeld.members.member import Member, read_state_dict
-from netmeld.io.checkpoint_merge import check_same_tensors, merge_state_dicts, shapes_of
-from netmeld.ops.matching import (
-    activation_matching,
-    weight_matching,
-    zip_matching,
-)
-from netmeld.ops.merge import get_kernel
 from netmeld.methods.permutation import (
     PermutationSpec,
     correlation_stats,
@@ -42,6 +35,13 @@ from netmeld.methods.permutation import (
     repair,
     reset_batchnorm,
 )
+from netmeld.model.combined import CombinedModel, Preprocess
+from netmeld.ops.matching import (
+    activation_matching,
+    weight_matching,
+    zip_matching,
+)
+from netmeld.ops.merge import get_kernel
 
 AlignChoice = Literal["auto", "weight", "activation", "none"]
 
@@ -146,8 +146,8 @@ def _union(
     seed: int,
     progress: bool | None,
 ) -> CombinedModel:
+    from netmeld.methods._registry import get_method
     from netmeld.methods.meld import meld
-    from netmeld.methods import get_method
 
     info = get_method(union)
     return meld(

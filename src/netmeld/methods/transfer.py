@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from netmeld.model.heads import FeatureHead
 from netmeld.errors import MethodError
 from netmeld.methods._registry import MethodParams, register_method
+from netmeld.model.heads import FeatureHead
 
 if TYPE_CHECKING:
+    from netmeld.methods._extract import Extracted
     from netmeld.model.combined import CombinedModel
-    from netmeld.methods.meld import Extracted
 
 
 class TransferParams(MethodParams):

@@ -31,11 +31,12 @@ from pydantic import Field
 from torch import fx, nn
 
 from netmeld.errors import MethodError
+from netmeld.methods._fit import fit_lbfgs, stratified_folds
 from netmeld.methods._registry import MethodParams, register_method
 
 if TYPE_CHECKING:
+    from netmeld.methods._extract import Extracted
     from netmeld.model.combined import CombinedModel
-    from netmeld.methods.meld import Extracted
 
 
 def _heads(model: CombinedModel) -> list[nn.Linear]:
@@ -255,18 +256,6 @@ def fit_bn_standardize(
 # -- fitting helpers ---------------------------------------------------------------------------
 
 
-def _fit(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int) -> None:
-    optimizer = torch.optim.LBFGS(parameters, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-
-
 class TuneParams(MethodParams):
     """Parameters of the methods that fit a gate or the heads with Adam."""
 
@@ -439,7 +428,7 @@ def fit_calibrate(
         out = union.merge(torch.cat(parts, dim=1) + bias)
         return F.cross_entropy(out, targets) + params.l2 * bias.pow(2).sum()
 
-    _fit([log_scale, offset, bias], loss_fn, params.steps)
+    fit_lbfgs([log_scale, offset, bias], loss_fn, params.steps)
     with torch.no_grad():
         union.scale.copy_(base * torch.exp(log_scale))
         union.offset.copy_(offset - offset.mean())
@@ -614,7 +603,7 @@ def fit_select(
     for info in infos:
         if info.data != "labeled" or info.name == "select":
             raise MethodError(f"select: candidate {info.name!r} is not a labeled method")
-    folds = _stratified_folds(targets, params.folds)
+    folds = stratified_folds(targets, params.folds)
     scores: dict[str, float] = {}
     losses: dict[str, float] = {}
     for info in infos:
@@ -647,19 +636,8 @@ def fit_select(
     model.method["fitted"] = {"selected": best.name, "cv_accuracy": scores, "cv_log_loss": losses}
 
 
-def _stratified_folds(targets: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """``k`` folds of indices, each label spread round-robin over the folds (deterministic)."""
-    folds: list[list[int]] = [[] for _ in range(k)]
-    position = 0
-    for label in targets.unique().tolist():
-        for i in (targets == label).nonzero().flatten().tolist():
-            folds[position % k].append(i)
-            position += 1
-    return [torch.tensor(sorted(f), dtype=torch.long) for f in folds if f]
-
-
 def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
-    from netmeld.methods.meld import Extracted as _Extracted
+    from netmeld.methods._extract import Extracted as _Extracted
 
     return _Extracted(
         [f[rows] for f in extracted.features],

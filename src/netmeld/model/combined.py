@@ -31,7 +31,6 @@ from torch import nn
 
 from netmeld._atomic import swap_in
 from netmeld._version import __version__
-from netmeld.model.heads import Combiner, Extension, combiner_from_config
 from netmeld.errors import DataError, IncompatibleMembersError, LabelError, ModelFileError
 from netmeld.members.graph import (
     CapturedBody,
@@ -41,9 +40,10 @@ from netmeld.members.graph import (
     plan_groups,
     trace_member,
 )
-from netmeld.members.member import Architecture, Member, Preprocessing
+from netmeld.members.member import Member, Preprocessing
+from netmeld.model.heads import Combiner, Extension
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "netmeld.json"
 
@@ -631,81 +631,3 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(id(value))
         state[key] = value
     return state
-
-
-def load(path: str | Path) -> CombinedModel:
-    """Rebuild a combined model saved with :meth:`CombinedModel.save` (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelFileError(f"{str(path)!r} is not a netmeld model folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
-    if config.get("format") != "netmeld" or config.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{str(config_path)!r}: format {config.get('format')!r} version "
-            f"{config.get('format_version')!r}, expected netmeld version {FORMAT_VERSION}"
-        )
-    members = []
-    for spec in config["members"]:
-        arch = Architecture(spec["architecture"]["spec"], spec["architecture"]["kwargs"])
-        module = arch.build(num_classes=len(spec["labels"]))
-        members.append(
-            Member(
-                module,
-                spec["labels"],
-                name=spec["name"],
-                preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
-                architecture=arch,
-                head=spec["head"],
-            )
-        )
-    plan = [Group(tuple(g["members"]), g["cut"]) for g in config["plan"]]
-    model = CombinedModel(
-        members,
-        input_shape=config["input_shape"],
-        plan=plan,
-        feature_names=config.get("feature_names"),
-    )
-    if config["union"].get("router_dim") is not None:
-        model.union.add_router(
-            int(config["union"]["router_dim"]), config["union"].get("router_source", "features")
-        )
-    if config.get("combiner"):
-        spec = config["combiner"]
-        model.set_combiner(
-            combiner_from_config(
-                spec["kind"], spec["config"], [m.labels for m in members], model.union_labels
-            )
-        )
-    if config.get("extension"):
-        try:
-            extension = Extension(**config["extension"])
-        except TypeError as exc:
-            raise ModelFileError(f"{str(config_path)!r}: bad extension settings: {exc}") from exc
-        model.set_extension(extension)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{str(path)!r}: {WEIGHTS_FILE} is missing")
-    tensors = load_file(str(weights_path))
-    expected = _unique_state(model)
-    for key, value in expected.items():
-        if key not in tensors:
-            raise ModelFileError(f"{str(weights_path)!r}: tensor {key!r} is missing")
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise ModelFileError(
-                f"{str(weights_path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                f"expected {tuple(value.shape)}"
-            )
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise ModelFileError(f"{str(weights_path)!r}: unexpected tensor {extra[0]!r}")
-    with torch.no_grad():
-        for key, value in expected.items():
-            value.copy_(tensors[key])
-    model.method = dict(config.get("method", {}))
-    return model.eval()

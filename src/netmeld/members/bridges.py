@@ -231,7 +231,8 @@ def keras_member(
         name=name or (Path(source).stem if source else model.name).replace(".", "-"),
         preprocessing=preprocessing,
         architecture=Architecture(
-            "netmeld.io.bridges_tmp:keras_classifier", {"config": config, "output": module.output_name}
+            "netmeld.members.bridges:keras_classifier",
+            {"config": config, "output": module.output_name},
         ),
         head="fc",
     )
@@ -371,7 +372,7 @@ def onnx_member(
         name=name or path.stem.replace(".", "-"),
         preprocessing=preprocessing,
         architecture=Architecture(
-            "netmeld.io.bridges_tmp:onnx_module", {"graph": _strip_weights(onnx, proto)}
+            "netmeld.members.bridges:onnx_module", {"graph": _strip_weights(onnx, proto)}
         ),
     )
 

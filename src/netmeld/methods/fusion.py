@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.model.combined import CombinedModel, Preprocess
 from netmeld.data import load_data
 from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.members.graph import CapturedBody, build_submodule, find_head, trace_member
 from netmeld.members.member import Architecture, Member, Preprocessing
+from netmeld.model.combined import CombinedModel, Preprocess
 
 Part = Member | nn.Module | Architecture | str
 FUSIONS = ("concat", "sum", "attention", "gating")
@@ -443,7 +443,7 @@ def _fused_model(
     architecture = None
     if all(s is not None for s in specs):
         architecture = Architecture(
-            "netmeld.methods.fusion.all_tmp:build",
+            "netmeld.methods.fusion:build",
             {"kind": net.kind, "input_shape": list(input_shape), "parts": list(specs), **options},
         )
     member = Member(
