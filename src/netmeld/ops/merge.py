@@ -444,6 +444,45 @@ class Kernel:
     defaults: Mapping[str, Any]
     fn: Callable[..., torch.Tensor]
     summary: str
+    call: Call  # how merge_tensor calls fn: (tensors, base, weights, params, key, extra)
+
+
+Call = Callable[..., torch.Tensor]
+
+
+def _task(fn: Call) -> Call:
+    """Task-vector kernels: ``fn(base, tensors, weights, **params)``."""
+    return lambda tensors, base, weights, p, key, extra: fn(base, tensors, weights, **p)
+
+
+def _keyed(fn: Call) -> Call:
+    """Kernels seeded per tensor (DARE): the tensor's name is passed as ``key``."""
+    return lambda tensors, base, weights, p, key, extra: fn(base, tensors, weights, key=key, **p)
+
+
+def _weighted(fn: Call) -> Call:
+    """Kernels without a base: ``fn(tensors, weights, **params)``."""
+    return lambda tensors, base, weights, p, key, extra: fn(tensors, weights, **p)
+
+
+def _pair(fn: Call) -> Call:
+    """Kernels of exactly two models: ``fn(a, b, t)``."""
+
+    def call(
+        tensors: Sequence[torch.Tensor], base: Any, weights: Any, p: Any, key: Any, extra: Any
+    ):
+        if len(tensors) != 2:
+            raise MethodError(f"slerp merges exactly 2 models, got {len(tensors)}")
+        return fn(tensors[0], tensors[1], float(p["t"]))
+
+    return call
+
+
+def _stats(fn: Call, *, weighted: bool) -> Call:
+    """Kernels that read per-model statistics (Fisher diagonals, Gram matrices) in ``extra``."""
+    if weighted:
+        return lambda tensors, base, weights, p, key, extra: fn(tensors, extra, weights, **p)
+    return lambda tensors, base, weights, p, key, extra: fn(tensors, extra, **p)
 
 
 def _k(
@@ -454,9 +493,10 @@ def _k(
     *,
     needs_base: bool,
     needs: Literal["none", "fisher", "gram"] = "none",
+    call: Callable[[Call], Call] = _task,
 ) -> Kernel:
     summary = (fn.__doc__ or "").strip().split("\n")[0]
-    return Kernel(name, reference, needs_base, needs, dict(defaults), fn, summary)
+    return Kernel(name, reference, needs_base, needs, dict(defaults), fn, summary, call(fn))
 
 
 KERNELS: dict[str, Kernel] = {
@@ -468,8 +508,16 @@ KERNELS: dict[str, Kernel] = {
             "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
             {"normalize": True},
             needs_base=False,
+            call=_weighted,
         ),
-        _k("slerp", slerp, "Shoemake 1985; as used by mergekit", {"t": 0.5}, needs_base=False),
+        _k(
+            "slerp",
+            slerp,
+            "Shoemake 1985; as used by mergekit",
+            {"t": 0.5},
+            needs_base=False,
+            call=_pair,
+        ),
         _k(
             "task-arithmetic",
             task_arithmetic,
@@ -497,6 +545,7 @@ KERNELS: dict[str, Kernel] = {
                 "normalize": False,
             },
             needs_base=True,
+            call=_keyed,
         ),
         _k(
             "dare-ties",
@@ -511,6 +560,7 @@ KERNELS: dict[str, Kernel] = {
                 "normalize": False,
             },
             needs_base=True,
+            call=_keyed,
         ),
         _k(
             "breadcrumbs",
@@ -527,6 +577,7 @@ KERNELS: dict[str, Kernel] = {
             {"eps": 1e-8},
             needs_base=False,
             needs="fisher",
+            call=lambda fn: _stats(fn, weighted=True),
         ),
         _k(
             "regmean",
@@ -536,6 +587,7 @@ KERNELS: dict[str, Kernel] = {
             {"alpha": 0.9},
             needs_base=False,
             needs="gram",
+            call=lambda fn: _stats(fn, weighted=False),
         ),
     ]
 }
@@ -595,22 +647,9 @@ def merge_tensor(
     p = check_params(name, params)
     if kernel.needs_base and base is None:
         raise MethodError(f"merge method {name!r} needs the common base model's tensors")
-    if name == "linear":
-        return linear(tensors, weights, **p)
-    if name == "slerp":
-        if len(tensors) != 2:
-            raise MethodError(f"slerp merges exactly 2 models, got {len(tensors)}")
-        return slerp(tensors[0], tensors[1], float(p["t"]))
-    if kernel.needs != "none":
-        if extra is None:
-            raise MethodError(
-                f"merge method {name!r} needs data: the models' "
-                f"{'Fisher information' if kernel.needs == 'fisher' else 'input Gram matrices'}"
-            )
-        if name == "fisher":
-            return fisher(tensors, extra, weights, **p)
-        return regmean(tensors, extra, **p)
-    assert base is not None
-    if name in ("dare", "dare-ties"):
-        return dare(base, tensors, weights, key=key, **p)
-    return kernel.fn(base, tensors, weights, **p)
+    if kernel.needs != "none" and extra is None:
+        raise MethodError(
+            f"merge method {name!r} needs data: the models' "
+            f"{'Fisher information' if kernel.needs == 'fisher' else 'input Gram matrices'}"
+        )
+    return kernel.call(tensors, base, weights, p, key, extra)
