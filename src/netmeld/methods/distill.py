@@ -25,7 +25,8 @@ from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
-from netmeld.model.combined import CombinedModel, Preprocess
+from netmeld.model.combined import CombinedModel
+from netmeld.model.inputs import Preprocess
 
 
 @torch.no_grad()

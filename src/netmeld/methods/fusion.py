@@ -32,7 +32,8 @@ from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.members.graph import CapturedBody, build_submodule, find_head, trace_member
 from netmeld.members.member import Architecture, Member, Preprocessing
-from netmeld.model.combined import CombinedModel, Preprocess
+from netmeld.model.combined import CombinedModel
+from netmeld.model.inputs import Preprocess
 
 Part = Member | nn.Module | Architecture | str
 FUSIONS = ("concat", "sum", "attention", "gating")

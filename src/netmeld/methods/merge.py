@@ -35,7 +35,8 @@ from netmeld.methods.permutation import (
     repair,
     reset_batchnorm,
 )
-from netmeld.model.combined import CombinedModel, Preprocess
+from netmeld.model.combined import CombinedModel
+from netmeld.model.inputs import Preprocess
 from netmeld.ops.matching import (
     activation_matching,
     weight_matching,
