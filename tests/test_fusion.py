@@ -11,6 +11,7 @@ import netmeld
 from netmeld.demo.scenarios import load_digits_images
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.methods import fusion
+from netmeld.methods.fusion import training as fusion_training
 from netmeld.zoo import small_cnn
 
 from ._ddp import two_process_run
@@ -291,7 +292,7 @@ def test_a_killed_multitask_run_resumes_to_the_same_weights(
         return TrainConfig(epochs=3, batch_size=32, lr=5e-3, checkpoint_dir=folder, resume=resume)
 
     whole = fusion.fit(model, data, config=config(str(tmp_path / "a")), progress=False)
-    real_train = fusion.train
+    real_train = fusion_training.train
 
     def killed_after_first_epoch(*args, **kwargs):
         def stop(epoch: int, _loss: float) -> None:
@@ -300,10 +301,10 @@ def test_a_killed_multitask_run_resumes_to_the_same_weights(
 
         return real_train(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(fusion, "train", killed_after_first_epoch)
+    monkeypatch.setattr(fusion_training, "train", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         fusion.fit(model, data, config=config(str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(fusion, "train", real_train)
+    monkeypatch.setattr(fusion_training, "train", real_train)
     resumed = fusion.fit(model, data, config=config(str(tmp_path / "b"), True), progress=False)
     a, b = whole.members[0].module.state_dict(), resumed.members[0].module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,7 @@ from netmeld.model.heads import Extension, combiner_from_config
 READABLE_VERSIONS = (1, FORMAT_VERSION)
 # builder import paths of earlier releases -> where the builder lives now
 BUILDER_ALIASES: dict[str, str] = {
-    "netmeld.fusion:build": "netmeld.methods.fusion:build",
+    "netmeld.fusion:build": "netmeld.methods.fusion.parts:build",
     "netmeld.bridges:keras_classifier": "netmeld.members.bridges:keras_classifier",
     "netmeld.bridges:onnx_module": "netmeld.members.bridges:onnx_module",
 }

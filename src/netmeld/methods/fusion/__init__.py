@@ -1,0 +1,54 @@
+"""Fusion architectures for training combined CNNs: parallel branches, a hierarchy where one
+network feeds another, and multi-task learning with a shared trunk.
+
+Each builder returns a :class:`~netmeld.combined.CombinedModel` with one member: the fused
+network. Its parts come from members (their bodies: everything before the head, with their own
+preprocessing), from fresh architectures (``"netmeld.zoo:small_cnn"``, ``"torchvision:resnet18"``:
+built with new weights, their head dropped) or from plain ``nn.Module`` feature extractors (used
+whole; such a model trains and predicts but cannot be saved without an architecture).
+
+Freezing works like Keras' ``trainable = False``: ``freeze=["a"]`` freezes branch ``a``,
+``freeze=["a.layer1"]`` one block of it. Frozen parameters get no gradient and frozen
+BatchNorm layers keep their statistics (they run in eval mode while the rest trains), so a
+frozen part is bit-identical after :func:`fit`.
+
+Training (:func:`fit`) runs on the shared engine (:mod:`netmeld.engine`): progress, atomic
+checkpoints, resume and DDP under ``torchrun``.
+"""
+
+from netmeld.methods.fusion.builders import hierarchical, multitask, parallel
+from netmeld.methods.fusion.parts import (
+    FUSIONS,
+    TASK_SEPARATOR,
+    WEIGHTINGS,
+    FusedNet,
+    HierarchicalNet,
+    MultiTaskNet,
+    ParallelNet,
+    Part,
+    Resize,
+    adapter,
+    build,
+)
+from netmeld.methods.fusion.training import fit, task_accuracy, task_slices, task_targets
+
+__all__ = [
+    "FUSIONS",
+    "TASK_SEPARATOR",
+    "WEIGHTINGS",
+    "FusedNet",
+    "HierarchicalNet",
+    "MultiTaskNet",
+    "ParallelNet",
+    "Part",
+    "Resize",
+    "adapter",
+    "build",
+    "fit",
+    "hierarchical",
+    "multitask",
+    "parallel",
+    "task_accuracy",
+    "task_slices",
+    "task_targets",
+]
