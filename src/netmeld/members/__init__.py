@@ -1,6 +1,15 @@
 """Members: trained classifiers with their labels, preprocessing and architecture; their graph
-(head and trunk discovery); and the Keras / ONNX bridges that make members of other formats."""
+(head and trunk discovery); and the Keras / ONNX bridges that make members of other formats.
 
-from netmeld.members.member import Architecture, Member, Preprocessing, read_labels
+The names of 0.1.0's ``netmeld.members`` module are all here, so old imports keep working."""
 
-__all__ = ["Architecture", "Member", "Preprocessing", "read_labels"]
+from netmeld.members.member import (
+    Architecture,
+    Member,
+    Preprocessing,
+    load_into,
+    read_labels,
+    read_state_dict,
+)
+
+__all__ = ["Architecture", "Member", "Preprocessing", "load_into", "read_labels", "read_state_dict"]
