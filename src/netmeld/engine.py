@@ -1,4 +1,8 @@
-"""The training loop that netmeld's training methods share.
+"""The training loop that netmeld's training methods share, and the small fits beside it.
+
+:func:`small_fit` is the one loop for the methods' small fits: a few hundred full-batch steps
+of Adam (or one L-BFGS run) on a loss over cached features, with the parameters made
+trainable for the fit only. :func:`train` is the one loop for epochs over data.
 
 :func:`train` runs ``loss = step(model, batch)`` over epochs of seeded shuffled indices, on CPU
 or GPU, in one process or in several under ``torch.distributed`` (DDP; launch with
@@ -22,7 +26,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -267,6 +271,74 @@ def train(
             on_epoch_end(epoch, mean)
     model.eval()
     return result
+
+
+Params = Sequence[torch.Tensor] | Sequence[dict[str, Any]]
+
+
+def small_fit(
+    parameters: Params,
+    loss_fn: Callable[[], torch.Tensor],
+    steps: int,
+    *,
+    optimizer: Literal["adam", "adamw", "lbfgs"] = "adam",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    one_cycle: bool = False,
+    before_step: Callable[[], object] | None = None,
+    after_step: Callable[[], object] | None = None,
+) -> None:
+    """Minimise ``loss_fn()`` over ``parameters`` (tensors, or Adam parameter groups).
+
+    Adam/AdamW: ``steps`` steps of ``loss_fn`` → backward → ``before_step`` (e.g. mask a
+    gradient) → step → ``after_step`` (e.g. a projection, under ``no_grad``); ``one_cycle``
+    follows a one-cycle learning-rate schedule peaking at ``lr``. L-BFGS: one run of at most
+    ``steps`` iterations with a strong-Wolfe line search. ``lr`` defaults to 1e-2 for Adam and to
+    0.5 for L-BFGS.
+    The parameters are trainable during the fit; afterwards each has the ``requires_grad`` it
+    had before, whatever happens.
+    """
+    tensors = [t for p in parameters for t in (p["params"] if isinstance(p, dict) else [p])]
+    flags = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(True)
+    try:
+        if optimizer == "lbfgs":
+            lbfgs = torch.optim.LBFGS(
+                tensors, lr=lr or 0.5, max_iter=steps, line_search_fn="strong_wolfe"
+            )
+
+            def closure() -> torch.Tensor:
+                lbfgs.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            lbfgs.step(closure)
+            return
+        kind = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        lr = 1e-2 if lr is None else lr
+        opt = kind(parameters, lr=lr, weight_decay=weight_decay)
+        schedule = (
+            torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+            if one_cycle
+            else None
+        )
+        for _ in range(steps):
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+    finally:
+        for t, flag in zip(tensors, flags, strict=True):
+            t.requires_grad_(flag)
 
 
 def tensor_batches(*tensors: torch.Tensor, device: str | torch.device | None = None) -> BatchFn:

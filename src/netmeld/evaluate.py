@@ -120,8 +120,9 @@ def gate_accuracy(model: CombinedModel, gate: torch.Tensor, targets: torch.Tenso
     knows)."""
     chosen = gate.argmax(dim=1).tolist()
     hits, rows = 0, 0
+    labels, label_members = model.labels, model.label_members
     for t, m in zip(targets.tolist(), chosen, strict=True):
-        owners = model.label_members[model.labels[t]]
+        owners = label_members[labels[t]]
         if owners:
             rows += 1
             hits += model.member_names[m] in owners

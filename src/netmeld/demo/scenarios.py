@@ -9,7 +9,7 @@ use these helpers.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netmeld.engine import small_fit
 from netmeld.members.member import Architecture, Member, Preprocessing
 
 
@@ -43,25 +44,34 @@ def train_classifier(
 ) -> nn.Module:
     """Train ``model`` end to end with Adam and cross-entropy (deterministic for ``seed``)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * ((len(x) + batch_size - 1) // batch_size)
-    )
+    batches = _shuffled_batches(len(x), batch_size, epochs, gen)
+
+    def loss() -> torch.Tensor:
+        idx = next(batches)
+        xb = x[idx]
+        if augment:
+            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+        return F.cross_entropy(model(xb), y[idx])
+
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            xb = x[idx]
-            if augment:
-                shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
-                xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(model(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    parameters = [p for p in model.parameters() if p.requires_grad]  # frozen parts stay so
+    small_fit(
+        parameters, loss, steps, optimizer="adamw", lr=lr, weight_decay=weight_decay, one_cycle=True
+    )
     return model.eval()
+
+
+def _shuffled_batches(
+    n: int, batch_size: int, epochs: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches of ``epochs`` passes over ``n`` rows, each pass in a fresh order (drawn
+    when the pass starts, so other draws from ``generator`` in between keep their place)."""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
 
 
 def train_linear_head(
@@ -77,16 +87,14 @@ def train_linear_head(
     """A linear head on frozen features, trained as people do (Adam, softmax cross-entropy)."""
     torch.manual_seed(seed)
     head = nn.Linear(features.shape[1], num_classes)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        order = torch.randperm(len(features), generator=gen)
-        for start in range(0, len(features), 128):
-            idx = order[start : start + 128]
-            loss = F.cross_entropy(head(features[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    batches = _shuffled_batches(len(features), 128, epochs, torch.Generator().manual_seed(seed))
+
+    def loss() -> torch.Tensor:
+        idx = next(batches)
+        return F.cross_entropy(head(features[idx]), y[idx])
+
+    steps = epochs * ((len(features) + 127) // 128)
+    small_fit(list(head.parameters()), loss, steps, lr=lr, weight_decay=weight_decay)
     return head.eval()
 
 

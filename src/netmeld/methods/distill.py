@@ -13,6 +13,7 @@ model that saves, loads and evaluates like every other.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netmeld._progress import track
 from netmeld.data import load_data
-from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
+from netmeld.engine import TrainConfig, resolve_config, small_fit, tensor_batches, train
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
@@ -105,8 +107,6 @@ def synthesize(
     input shape). Without BatchNorm layers only the priors constrain the inputs (a warning)."""
     import warnings
 
-    from netmeld._progress import track
-
     if n < 1:
         raise DataError(f"data-free distillation needs a budget of at least 1 input, got {n}")
     teacher.eval()
@@ -136,6 +136,13 @@ def synthesize(
         assert rm is not None and rv is not None
         terms.append((mean - rm).norm() + (var - rv).norm())
 
+    def inversion_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        terms.clear()
+        loss = F.cross_entropy(teacher(x), y)
+        if terms:
+            loss = loss + bn_weight * torch.stack(terms).mean()
+        return loss + tv_weight * _tv(x) + l2_weight * (x * x).mean()
+
     handles = [m.register_forward_hook(hook) for m in norms]
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -143,21 +150,10 @@ def synthesize(
         batches = range(0, n, batch_size)
         for start in track(batches, "synthesizing inputs", total=len(batches), enabled=progress):
             size = min(batch_size, n - start)
-            x = torch.rand(size, *teacher.input_shape, generator=gen).requires_grad_(True)
+            x = torch.rand(size, *teacher.input_shape, generator=gen)
             y = torch.randint(len(teacher.labels), (size,), generator=gen)
-            opt = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
-                terms.clear()
-                logits = teacher(x)
-                loss = F.cross_entropy(logits, y)
-                if terms:
-                    loss = loss + bn_weight * torch.stack(terms).mean()
-                loss = loss + tv_weight * _tv(x) + l2_weight * (x * x).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(0, 1)
+            loss = functools.partial(inversion_loss, x, y)
+            small_fit([x], loss, steps, lr=lr, after_step=functools.partial(x.clamp_, 0, 1))
             out.append(x.detach())
     finally:
         for h in handles:

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from netmeld.engine import small_fit
 from netmeld.errors import MethodError
-from netmeld.methods._fit import fit_lbfgs, stratified_folds
+from netmeld.methods._fit import cross_validate
 from netmeld.methods._registry import MethodParams, register_method
 from netmeld.model.heads import Ensemble, Stacker
 
@@ -164,13 +165,13 @@ def fit_weighted(
     best: tuple[float, Ensemble] | None = None
     for rule in rules:
         ensemble = _ensemble(model, "mean", rule)
-        raw = torch.zeros(len(model.members), requires_grad=True)
+        raw = torch.zeros(len(model.members))
 
         def loss_fn(ensemble: Ensemble = ensemble, raw: torch.Tensor = raw) -> torch.Tensor:
             p = ensemble.mean_probs(probs, raw.softmax(0) * len(model.members))
             return F.nll_loss(torch.log(p.clamp_min(1e-12)), targets)
 
-        fit_lbfgs([raw], loss_fn, params.steps)
+        small_fit([raw], loss_fn, params.steps, optimizer="lbfgs")
         ensemble.weights.data.copy_(raw.detach().softmax(0) * len(model.members))
         with torch.no_grad():
             loss = float(loss_fn())
@@ -182,8 +183,7 @@ def fit_weighted(
     model.method["fitted"] = {
         "unknown": ensemble.unknown,
         "weights": {
-            n: round(float(w), 4)
-            for n, w in zip(model.member_names, ensemble.weights, strict=True)
+            n: round(float(w), 4) for n, w in zip(model.member_names, ensemble.weights, strict=True)
         },
     }
 
@@ -216,8 +216,6 @@ def _train_meta(
         stacker.std.copy_(z.std(0).clamp_min(1e-6) if len(z) > 1 else torch.ones(z.shape[1]))
     weights = [p for name, p in stacker.meta.named_parameters() if name.endswith("weight")]
     parameters: list[torch.Tensor] = list(stacker.meta.parameters())
-    for p in parameters:
-        p.requires_grad_(True)
 
     def loss_fn() -> torch.Tensor:
         return F.cross_entropy(stacker.from_inputs(z), y) + l2 * sum(
@@ -228,16 +226,9 @@ def _train_meta(
         with torch.no_grad():
             for p in parameters:
                 p.zero_()
-        fit_lbfgs(parameters, loss_fn, params.steps)
+        small_fit(parameters, loss_fn, params.steps, optimizer="lbfgs")
     else:
-        optimizer = torch.optim.Adam(parameters, lr=1e-2)
-        for _ in range(params.steps):
-            loss = loss_fn()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    for p in parameters:
-        p.requires_grad_(False)
+        small_fit(parameters, loss_fn, params.steps, lr=1e-2)
 
 
 @register_method(
@@ -269,24 +260,15 @@ def fit_stack(
     fitted: dict[str, object] = {}
     l2 = params.l2
     if l2 is None:
-        folds = stratified_folds(targets, params.folds)
-        scores: dict[float, tuple[float, float]] = {}
-        for candidate in L2_GRID:
-            correct, loss = 0.0, 0.0
-            for held in folds:
-                train = torch.ones(len(targets), dtype=torch.bool)
-                train[held] = False
-                if not train.any():
-                    continue
-                trial = make()
-                _train_meta(trial, z[train], targets[train], candidate, params)
-                with torch.no_grad():
-                    out = trial.from_inputs(z[held])
-                correct += float((out.argmax(1) == targets[held]).sum())
-                loss += float(F.cross_entropy(out, targets[held], reduction="sum"))
-            scores[candidate] = (correct / len(targets), loss / len(targets))
-        l2 = max(L2_GRID, key=lambda c: (scores[c][0], -scores[c][1]))
-        fitted["cv_accuracy"] = {str(c): round(v[0], 4) for c, v in scores.items()}
+
+        def fit_predict(l2: float, train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+            trial = make()
+            _train_meta(trial, z[train], targets[train], l2, params)
+            with torch.no_grad():
+                return trial.from_inputs(z[held])
+
+        l2, accuracy, _ = cross_validate(L2_GRID, targets, params.folds, fit_predict)
+        fitted["cv_accuracy"] = {str(c): round(v, 4) for c, v in accuracy.items()}
     stacker = make()
     _train_meta(stacker, z, targets, l2, params)
     fitted["l2"] = l2

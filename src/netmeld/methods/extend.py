@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from netmeld._progress import track
 from netmeld.data import load_data
+from netmeld.engine import small_fit
 from netmeld.errors import DataError, LabelError
 from netmeld.model.combined import CombinedModel
 from netmeld.model.heads import Extension
@@ -202,27 +203,26 @@ def extend(
 
     if steps > 0:
         start = ext.weight.detach().clone()
-        ext.weight.requires_grad_(True)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        optimizer = torch.optim.Adam([ext.weight], lr=lr)
         d_targets = F.pad(train_logits.softmax(dim=1), (0, len(new_labels)))
+
+        def objective() -> torch.Tensor:
+            loss = F.cross_entropy(logits_with(emb, old_logits), targets)
+            if len(train_emb) and distill > 0:
+                loss = loss + distill * F.cross_entropy(
+                    logits_with(train_emb, train_logits), d_targets
+                )
+            return loss + 1e-3 * (ext.weight - start).pow(2).sum()
+
+        def keep_earlier() -> None:  # earlier added classes stay as they were
+            if previous is not None:
+                ext.weight.grad[:n_prev] = 0  # type: ignore[index]
+
         try:
-            for _ in range(steps):
-                loss = F.cross_entropy(logits_with(emb, old_logits), targets)
-                if len(train_emb) and distill > 0:
-                    loss = loss + distill * F.cross_entropy(
-                        logits_with(train_emb, train_logits), d_targets
-                    )
-                loss = loss + 1e-3 * (ext.weight - start).pow(2).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                if previous is not None:  # earlier added classes stay as they were
-                    ext.weight.grad[:n_prev] = 0  # type: ignore[index]
-                optimizer.step()
+            small_fit([ext.weight], objective, steps, lr=lr, before_step=keep_earlier)
         finally:
             torch.random.set_rng_state(generator_state)
-            ext.weight.requires_grad_(False)
         thresholds = set_thresholds()
     if not torch.isfinite(ext.weight).all():
         raise DataError("extend: the fit diverged (non-finite weights); lower lr")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from netmeld.engine import small_fit
 from netmeld.errors import MethodError
 from netmeld.methods._registry import MethodParams, register_method
 from netmeld.model.heads import FeatureHead
@@ -172,49 +173,40 @@ def fit_transfer(
             head.head.weight.zero_()
             head.head.bias.zero_()
     head_params = list(head.parameters())
-    for p in head_params:
-        p.requires_grad_(True)
     decay = [p for n, p in head.named_parameters() if n.endswith("weight")]
     start = [p.detach().clone() for p in decay]
 
     def penalty() -> torch.Tensor:
-        return params.weight_decay * torch.stack(
-            [(w - w0).pow(2).sum() for w, w0 in zip(decay, start, strict=True)]
-        ).sum()
+        return (
+            params.weight_decay
+            * torch.stack([(w - w0).pow(2).sum() for w, w0 in zip(decay, start, strict=True)]).sum()
+        )
 
     if params.unfreeze == 0:
-        optimizer = torch.optim.Adam(head_params, lr=params.lr)
-        for _ in range(params.steps):
-            loss = F.cross_entropy(head.head(head.fuse(extracted.features)), targets) + penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+
+        def on_features() -> torch.Tensor:
+            out = head.head(head.fuse(extracted.features))
+            return F.cross_entropy(out, targets) + penalty()
+
+        small_fit(head_params, on_features, params.steps, lr=params.lr)
     else:
-        if extracted.inputs is None:
+        inputs = extracted.inputs
+        if inputs is None:
             raise MethodError("transfer: unfreeze > 0 needs the raw inputs")
         own_body(model)
         body = last_blocks(model, params.unfreeze)
         if not body:
             raise MethodError("transfer: the members have no parameterised blocks to unfreeze")
-        for p in body:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(
-            [{"params": head_params, "lr": params.lr}, {"params": body, "lr": params.body_lr}]
-        )
         model.eval()  # BatchNorm keeps its running statistics
         n = len(targets)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
         batch = min(params.batch_size, n)
-        for _ in range(params.steps):
+
+        def on_batches() -> torch.Tensor:
             rows = torch.randperm(n, generator=generator)[:batch]
-            x = extracted.inputs[rows]
-            out = model.run_members(x)
-            loss = F.cross_entropy(head(out, x), targets[rows]) + penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        for p in body:
-            p.requires_grad_(False)
+            x = inputs[rows]
+            return F.cross_entropy(head(model.run_members(x), x), targets[rows]) + penalty()
+
+        groups = [{"params": head_params, "lr": params.lr}, {"params": body, "lr": params.body_lr}]
+        small_fit(groups, on_batches, params.steps)
         model.method["fitted"] = {"unfrozen_parameters": sum(p.numel() for p in body)}
-    for p in head_params:
-        p.requires_grad_(False)

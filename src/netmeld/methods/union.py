@@ -20,7 +20,6 @@ method                 data       what it fits
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import fx, nn
 
+from netmeld.engine import small_fit
 from netmeld.errors import MethodError
-from netmeld.methods._fit import fit_lbfgs, stratified_folds
-from netmeld.methods._registry import MethodParams, register_method
+from netmeld.methods._fit import cross_validate
+from netmeld.methods._registry import MethodParams, get_method, register_method
 
 if TYPE_CHECKING:
     from netmeld.methods._extract import Extracted
@@ -87,7 +87,7 @@ def fit_weight_norm(
     params: MethodParams,
 ) -> None:
     """Scale each member's logits so that its head's mean row norm equals the average."""
-    model.union.scale.data.copy_(_norm_scales(model))
+    model.union.set_calibration(scale=_norm_scales(model))
 
 
 def fit_center_norm(model: CombinedModel, extracted: Extracted | None = None) -> None:
@@ -98,9 +98,9 @@ def fit_center_norm(model: CombinedModel, extracted: Extracted | None = None) ->
     """
     center_heads(model)
     if extracted is None:
-        model.union.scale.data.copy_(_norm_scales(model))
+        model.union.set_calibration(scale=_norm_scales(model))
     else:
-        model.union.scale.data.copy_(_data_scales(model, extracted))
+        model.union.set_calibration(scale=_data_scales(model, extracted))
 
 
 @torch.no_grad()
@@ -250,7 +250,7 @@ def fit_bn_standardize(
         sd = (head.weight.detach().pow(2) @ var).sqrt()
         scales.append(1.0 / sd.mean())
     scale = torch.stack(scales)
-    model.union.scale.data.copy_(scale / scale.mean())
+    model.union.set_calibration(scale=scale / scale.mean())
 
 
 # -- fitting helpers ---------------------------------------------------------------------------
@@ -365,25 +365,20 @@ def _tune_heads(
             head.weight.mul_(union.scale[i])
             if head.bias is not None:
                 head.bias.mul_(union.scale[i]).add_(union.offset[i])
-        union.scale.fill_(1.0)
-        union.offset.zero_()
+    union.set_calibration(scale=torch.ones_like(union.scale), offset=torch.zeros_like(union.offset))
     if start is None:
         start = [p.detach().clone() for h in heads for p in h.parameters()]
     params_ = [p for h in heads for p in h.parameters()]
-    for p in params_:
-        p.requires_grad_(True)
     feats = extracted.features
-    optimizer = torch.optim.Adam(params_, lr=lr)
-    for _ in range(steps):
+    anchors = start
+
+    def objective() -> torch.Tensor:
         out = union([h(f) for h, f in zip(heads, feats, strict=True)])
-        loss = loss_fn(out) + anchor * sum(
-            (p - s).pow(2).sum() for p, s in zip(params_, start, strict=True)
+        return loss_fn(out) + anchor * sum(
+            (p - s).pow(2).sum() for p, s in zip(params_, anchors, strict=True)
         )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for p in params_:
-        p.requires_grad_(False)
+
+    small_fit(params_, objective, steps, lr=lr)
     return start
 
 
@@ -417,9 +412,9 @@ def fit_calibrate(
     logits = _centered_logits(model, extracted)
     base = _data_scales(model, extracted)
     m = len(model.members)
-    log_scale = torch.zeros(m, requires_grad=True)
-    offset = torch.zeros(m, requires_grad=True)
-    bias = torch.zeros(model.union.class_bias.numel(), requires_grad=True)
+    log_scale = torch.zeros(m)
+    offset = torch.zeros(m)
+    bias = torch.zeros(model.union.class_bias.numel())
     union = model.union
 
     def loss_fn() -> torch.Tensor:
@@ -428,11 +423,10 @@ def fit_calibrate(
         out = union.merge(torch.cat(parts, dim=1) + bias)
         return F.cross_entropy(out, targets) + params.l2 * bias.pow(2).sum()
 
-    fit_lbfgs([log_scale, offset, bias], loss_fn, params.steps)
-    with torch.no_grad():
-        union.scale.copy_(base * torch.exp(log_scale))
-        union.offset.copy_(offset - offset.mean())
-        union.class_bias.copy_(bias)
+    small_fit([log_scale, offset, bias], loss_fn, params.steps, optimizer="lbfgs")
+    union.set_calibration(
+        scale=base * torch.exp(log_scale), offset=offset - offset.mean(), class_bias=bias
+    )
 
 
 class FinetuneParams(TuneParams):
@@ -534,11 +528,9 @@ def tune_gate(
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     columns = model.router_columns()
+    w0 = torch.zeros_like(router.weight)
+    b0 = torch.zeros_like(router.bias)
     with torch.no_grad():
-        union.router_mean.copy_(mean)
-        union.router_std.copy_(std)
-        router.weight.zero_()
-        router.bias.zero_()
         row = 0
         for i, (name, head) in enumerate(zip(model.member_names, _heads(model), strict=True)):
             if source == "input":
@@ -546,31 +538,25 @@ def tune_gate(
             start, stop = columns[name]
             rows = slice(row, row + head.out_features)
             w = head.weight * union.scale[i]
-            router.weight[rows, start:stop] = w * std[start:stop]
-            router.bias[rows] = w @ mean[start:stop]
+            w0[rows, start:stop] = w * std[start:stop]
+            b0[rows] = w @ mean[start:stop]
             if head.bias is not None:
-                router.bias[rows] += head.bias * union.scale[i]
+                b0[rows] += head.bias * union.scale[i]
             row += head.out_features
-    w0, b0 = router.weight.detach().clone(), router.bias.detach().clone()
-    log_scale = torch.zeros(len(model.members), requires_grad=True)
+    union.set_router(weight=w0, bias=b0, mean=mean, std=std)
+    log_scale = torch.zeros(len(model.members))
     base = union.scale.detach().clone()
-    union.scale.data.fill_(1.0)
+    union.set_calibration(scale=torch.ones_like(base))
     logits = _centered_logits(model, extracted)
-    router.weight.requires_grad_(True)
-    router.bias.requires_grad_(True)
-    optimizer = torch.optim.Adam([router.weight, router.bias, log_scale], lr=lr)
-    for _ in range(steps):
+
+    def objective() -> torch.Tensor:
         scaled = [z * base[i] * torch.exp(log_scale[i]) for i, z in enumerate(logits)]
-        loss = loss_fn(union(scaled, x)) + anchor * (
+        return loss_fn(union(scaled, x)) + anchor * (
             (router.weight - w0).pow(2).sum() + (router.bias - b0).pow(2).sum()
         )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    router.weight.requires_grad_(False)
-    router.bias.requires_grad_(False)
-    with torch.no_grad():
-        union.scale.copy_(base * torch.exp(log_scale))
+
+    small_fit([router.weight, router.bias, log_scale], objective, steps, lr=lr)
+    union.set_calibration(scale=base * torch.exp(log_scale))
 
 
 class SelectParams(MethodParams):
@@ -596,42 +582,28 @@ def fit_select(
     params: SelectParams,
 ) -> None:
     """Pick the labeled method with the best cross-validated accuracy, then fit it on all."""
-    from netmeld.methods._registry import get_method
-
     assert extracted is not None and targets is not None
     infos = [get_method(name) for name in params.candidates]
     for info in infos:
         if info.data != "labeled" or info.name == "select":
             raise MethodError(f"select: candidate {info.name!r} is not a labeled method")
-    folds = stratified_folds(targets, params.folds)
-    scores: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    for info in infos:
-        correct = 0.0
-        loss = 0.0
-        for held_out in folds:
-            train = torch.ones(len(targets), dtype=torch.bool)
-            train[held_out] = False
-            if not train.any():
-                continue
-            trial = _light_clone(model)
-            info.fit(trial, _subset(extracted, train), targets[train], info.validate_params({}))
-            with torch.no_grad():
-                out = trial.union(
-                    [
-                        h(f[held_out])
-                        for h, f in zip(_heads(trial), extracted.features, strict=True)
-                    ],
-                    gate_features(extracted, trial.union.router_source)[held_out]
-                    if trial.union.router is not None
-                    else None,
-                )
-            correct += float((out.argmax(1) == targets[held_out]).sum())
-            loss += float(F.cross_entropy(out, targets[held_out], reduction="sum"))
-        scores[info.name] = correct / len(targets)
-        losses[info.name] = loss / len(targets)
+    by_name = {info.name: info for info in infos}
+
+    def fit_predict(name: str, train: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
+        info = by_name[name]
+        trial = model.trial_copy()
+        info.fit(trial, _subset(extracted, train), targets[train], info.validate_params({}))
+        with torch.no_grad():
+            return trial.union(
+                [h(f[held_out]) for h, f in zip(_heads(trial), extracted.features, strict=True)],
+                gate_features(extracted, trial.union.router_source)[held_out]
+                if trial.union.router is not None
+                else None,
+            )
+
     # the best cross-validated accuracy; ties go to the lower cross-validated log-loss
-    best = max(infos, key=lambda i: (scores[i.name], -losses[i.name]))
+    name, scores, losses = cross_validate(list(by_name), targets, params.folds, fit_predict)
+    best = by_name[name]
     best.fit(model, extracted, targets, best.validate_params({}))
     model.method["fitted"] = {"selected": best.name, "cv_accuracy": scores, "cv_log_loss": losses}
 
@@ -645,15 +617,3 @@ def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
         None if extracted.inputs is None else extracted.inputs[rows],
         extracted.label_space,
     )
-
-
-def _light_clone(model: CombinedModel) -> CombinedModel:
-    """A copy sharing the trunks and necks but with its own heads and union head."""
-    clone = copy.copy(model)
-    clone._modules = dict(model._modules)
-    clone._parameters = dict(model._parameters)
-    clone._buffers = dict(model._buffers)
-    clone.heads = copy.deepcopy(model.heads)
-    clone.union = copy.deepcopy(model.union)
-    clone.method = dict(model.method)
-    return clone

@@ -31,7 +31,13 @@ from torch import nn
 
 from netmeld._atomic import swap_in
 from netmeld._version import __version__
-from netmeld.errors import DataError, IncompatibleMembersError, LabelError, ModelFileError
+from netmeld.errors import (
+    DataError,
+    IncompatibleMembersError,
+    LabelError,
+    MethodError,
+    ModelFileError,
+)
 from netmeld.members.graph import (
     CapturedBody,
     Group,
@@ -86,9 +92,45 @@ class UnionHead(nn.Module):
         if source not in ("features", "input"):
             raise ValueError(f"router source {source!r}: expected 'features' or 'input'")
         self.router_source = source
-        self.router = nn.Linear(dim, sum(self.member_sizes))
+        self.router = nn.Linear(dim, sum(self.member_sizes)).requires_grad_(False)
         self.register_buffer("router_mean", torch.zeros(dim))
         self.register_buffer("router_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_calibration(
+        self,
+        *,
+        scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        class_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Set what a method fitted: per-member ``scale`` and ``offset``, per-(member, label)
+        ``class_bias``. Each must have its parameter's shape and finite values."""
+        for name, value in (("scale", scale), ("offset", offset), ("class_bias", class_bias)):
+            if value is not None:
+                _set_fitted(self, name, getattr(self, name), value)
+
+    @torch.no_grad()
+    def set_router(
+        self,
+        *,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> None:
+        """Set the gate's fitted weights and its input standardisation (after
+        :meth:`add_router`)."""
+        if self.router is None:
+            raise MethodError("this union head has no router: add_router first")
+        for name, target, value in (
+            ("router.weight", self.router.weight, weight),
+            ("router.bias", self.router.bias, bias),
+            ("router_mean", self.router_mean, mean),
+            ("router_std", self.router_std, std),
+        ):
+            if value is not None:
+                _set_fitted(self, name, target, value)
 
     @property
     def router_dim(self) -> int | None:
@@ -127,6 +169,17 @@ class UnionHead(nn.Module):
         self, logits: Sequence[torch.Tensor], router_input: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.merge(self.member_scores(logits, router_input))
+
+
+def _set_fitted(owner: nn.Module, name: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    if value.shape != target.shape:
+        raise MethodError(
+            f"{type(owner).__name__}.{name}: a fitted value of shape {tuple(value.shape)}, "
+            f"expected {tuple(target.shape)}"
+        )
+    if not torch.isfinite(value).all():
+        raise MethodError(f"{type(owner).__name__}.{name}: the fitted value is not finite")
+    target.copy_(value)
 
 
 @dataclass
@@ -185,9 +238,7 @@ class CombinedModel(nn.Module):
         self.plan = list(plan) if plan is not None else plan_groups(traced)
         self._build(traced)
         labels, owners = union_labels(members)
-        self.union_labels = list(labels)
-        self.labels = labels
-        self.label_members = owners
+        self._union = (tuple(labels), {label: tuple(o) for label, o in owners.items()})
         self.combiner: Combiner | None = None
         self.extension: Extension | None = None
         self.method: dict[str, Any] = {"name": "concat", "params": {}}
@@ -317,10 +368,44 @@ class CombinedModel(nn.Module):
         out = self.run_members(x)
         return F.log_softmax(self.union.gate_logits(self.gate_input(out, x)), dim=1)
 
+    # -- labels: the members' labels are the one source; the rest is derived -------------
+
+    @property
+    def union_labels(self) -> list[str]:
+        """Every member's labels, each once, in first-appearance order (member order)."""
+        return list(self._union[0])
+
+    @property
+    def labels(self) -> list[str]:
+        """What ``forward`` scores, in column order: the union labels (or the combiner's
+        labels), then the labels an extension added."""
+        labels = self._base_labels()
+        if self.extension is not None:
+            labels += self.extension.labels
+        return labels
+
+    @property
+    def label_members(self) -> dict[str, list[str]]:
+        """Each label of :attr:`labels` -> the members that know it (none for added ones)."""
+        owners = self._union[1]
+        return {label: list(owners.get(label, ())) for label in self.labels}
+
+    def trial_copy(self) -> CombinedModel:
+        """A copy that shares this model's trunks and necks (read-only for a fit) but has its
+        own heads, union head, combiner and method record: what cross-validation fits."""
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)
+        clone._parameters = dict(self._parameters)
+        clone._buffers = dict(self._buffers)
+        clone.heads = copy.deepcopy(self.heads)
+        clone.union = copy.deepcopy(self.union)
+        clone.combiner = copy.deepcopy(self.combiner)
+        clone.method = dict(self.method)
+        return clone
+
     def set_combiner(self, combiner: Combiner | None) -> None:
         """Replace the union head by ``combiner`` (``None``: back to the union head)."""
         self.combiner = combiner
-        self._refresh_labels()
 
     def set_extension(self, extension: Extension | None) -> None:
         """Add (or with ``None`` remove) classes learnt after the fact (:func:`netmeld.extend`)."""
@@ -333,20 +418,11 @@ class CombinedModel(nn.Module):
                     "be new"
                 )
         self.extension = extension
-        self._refresh_labels()
 
     def _base_labels(self) -> list[str]:
         if self.combiner is not None and self.combiner.labels is not None:
             return list(self.combiner.labels)
-        return list(self.union_labels)
-
-    def _refresh_labels(self) -> None:
-        _, owners = union_labels(self.members)
-        labels = self._base_labels()
-        if self.extension is not None:
-            labels += self.extension.labels
-        self.labels = labels
-        self.label_members = {label: owners.get(label, []) for label in labels}
+        return list(self._union[0])
 
     def _as_inputs(self, x: Any) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
@@ -364,7 +440,8 @@ class CombinedModel(nn.Module):
         x = self._as_inputs(x)
         preds = [self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
         idx = torch.cat(preds).tolist() if preds else []
-        return [self.labels[i] for i in idx]
+        labels = self.labels
+        return [labels[i] for i in idx]
 
     @torch.no_grad()
     def predict_proba(self, x: Any, batch_size: int = 256) -> torch.Tensor:
