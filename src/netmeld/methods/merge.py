@@ -2,17 +2,16 @@
 
 :func:`merge_members` merges the bodies of members of one architecture with a kernel of
 :mod:`netmeld.ops.merge` (members fine-tuned from a common base directly; members from
-different initialisations after permutation alignment); :func:`zip_members` merges two
-members trained on disjoint tasks ZipIt!-style, fully or for their first layers only. Either
-way each member keeps its own head over its own labels, the merged members share their merged
-layers, and the result is the usual :class:`~netmeld.combined.CombinedModel`, with the heads
-combined by any union-head method (``union=``). Tensors every member has bit for bit (a
-frozen part of a common base) are kept as they are.
+different initialisations after permutation alignment). Each member keeps its own head over its
+own labels, the merged members share their merged layers, and the result is the usual
+:class:`~netmeld.model.combined.CombinedModel`, with the heads combined by any union-head method
+(``union=``). Tensors every member has bit for bit (a frozen part of a common base) are kept as
+they are. ZipIt!, for members trained on disjoint tasks, is :mod:`netmeld.methods.zipit`
+(:func:`zip_members` is re-exported here).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
-from netmeld.data import load_data
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
-from netmeld.io.checkpoint_merge import check_same_tensors, merge_state_dicts, shapes_of
-from netmeld.members.graph import find_head
+from netmeld.io.checkpoint_merge import merge_state_dicts
 from netmeld.members.member import Member, read_state_dict
+from netmeld.methods._bodies import body_states, check_members, prepared, rebuild, union_of
 from netmeld.methods.permutation import (
     PermutationSpec,
     correlation_stats,
@@ -35,67 +33,22 @@ from netmeld.methods.permutation import (
     repair,
     reset_batchnorm,
 )
+from netmeld.methods.zipit import zip_layers, zip_members
 from netmeld.model.combined import CombinedModel
-from netmeld.model.inputs import Preprocess
-from netmeld.ops.matching import (
-    activation_matching,
-    weight_matching,
-    zip_matching,
-)
-from netmeld.ops.merge import get_kernel
+from netmeld.ops.matching import activation_matching, weight_matching
+from netmeld.ops.merge import Kernel, get_kernel
+
+__all__ = [
+    "body_similarity",
+    "count_macs",
+    "fisher_diagonal",
+    "input_grams",
+    "merge_members",
+    "zip_layers",
+    "zip_members",
+]
 
 AlignChoice = Literal["auto", "weight", "activation", "none"]
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-def _check_members(members: Sequence[Member]) -> None:
-    if len(members) < 2:
-        raise IncompatibleMembersError("weight merging needs at least two members")
-    first = members[0]
-    for m in members[1:]:
-        if type(m.module) is not type(first.module):
-            raise IncompatibleMembersError(
-                f"members {first.name!r} and {m.name!r} have different architectures "
-                f"({type(first.module).__name__} and {type(m.module).__name__})"
-            )
-        if m.preprocessing.input_shape != first.preprocessing.input_shape or (
-            m.preprocessing.mean,
-            m.preprocessing.std,
-        ) != (first.preprocessing.mean, first.preprocessing.std):
-            raise IncompatibleMembersError(
-                f"members {first.name!r} and {m.name!r} preprocess their inputs differently; "
-                "merged layers need one input"
-            )
-
-
-def _head_keys(member: Member) -> tuple[str, set[str]]:
-    head = find_head(member)
-    keys = {k for k in member.module.state_dict() if k.startswith(head + ".")}
-    return head, keys
-
-
-def _body_states(members: Sequence[Member]) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
-    """Each member's body tensors (no head), checked for equal names and shapes."""
-    states = []
-    for m in members:
-        _, head = _head_keys(m)
-        states.append({k: v for k, v in m.module.state_dict().items() if k not in head})
-    check_same_tensors(
-        [(f"member {m.name!r}", shapes_of(st)) for m, st in zip(members, states, strict=True)]
-    )
-    return states, list(states[0])
-
-
-def _prepared(member: Member, data: Any) -> torch.Tensor:
-    """Raw ``data`` (tensor, ndarray, folder, ...) preprocessed for ``member``."""
-    shape = member.preprocessing.input_shape
-    inputs = load_data(data, shape, what="merge data").inputs
-    if len(inputs) == 0:
-        raise DataError("merge data is empty")
-    with torch.no_grad():
-        return Preprocess(shape, member.preprocessing)(inputs)
 
 
 def _load_base(base: Any, like: Member) -> dict[str, torch.Tensor]:
@@ -113,6 +66,17 @@ def _load_base(base: Any, like: Member) -> dict[str, torch.Tensor]:
     )
 
 
+def _base_state(base: Any, like: Member, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The base model's tensors of the members' bodies."""
+    full = _load_base(base, like)
+    missing = [k for k in keys if k not in full]
+    if missing:
+        raise IncompatibleMembersError(
+            f"tensor {missing[0]!r} of the members' bodies is not in the base model"
+        )
+    return {k: full[k] for k in keys}
+
+
 def body_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine similarity of two bodies' weights (BatchNorm statistics left out): near 1 for
     models fine-tuned from one base, near 0 for independent initialisations."""
@@ -124,41 +88,6 @@ def body_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     va = torch.cat([a[k].double().flatten() for k in keys])
     vb = torch.cat([b[k].double().flatten() for k in keys])
     return float((va @ vb) / (va.norm() * vb.norm()).clamp_min(1e-12))
-
-
-def _rebuild(member: Member, state: Mapping[str, torch.Tensor], name: str | None = None) -> Member:
-    module = copy.deepcopy(member.module)
-    module.load_state_dict(dict(state))
-    return Member(
-        module,
-        member.labels,
-        name=name or member.name,
-        preprocessing=member.preprocessing,
-        architecture=member.architecture,
-        head=member.head,
-    )
-
-
-def _union(
-    members: list[Member],
-    union: str,
-    union_params: dict[str, Any] | None,
-    data: Any,
-    seed: int,
-    progress: bool | None,
-) -> CombinedModel:
-    from netmeld.methods._registry import get_method
-    from netmeld.methods.meld import meld
-
-    info = get_method(union)
-    return meld(
-        members,
-        union,
-        data if info.data != "none" else None,
-        params=union_params,
-        seed=seed,
-        progress=progress,
-    )
 
 
 # -- data statistics for Fisher and RegMean ------------------------------------------------
@@ -274,8 +203,89 @@ def _align_to_first(
                 raise DataError("activation matching needs data (inputs, no labels)")
             stats = correlation_stats(first.module, m.module, spec, prepared)
             perms = {g: activation_matching(s.correlation()) for g, s in stats.items()}
-        out.append(_rebuild(m, permute_state(m.module.state_dict(), spec, perms)))
+        out.append(rebuild(m, permute_state(m.module.state_dict(), spec, perms)))
     return out, spec
+
+
+def _alignment(align: AlignChoice, similarity: float, base: Any) -> AlignChoice:
+    """``align`` checked, with ``auto`` resolved: weight matching when the bodies look
+    independently initialised (cosine similarity below 0.5) and no base is given."""
+    if align == "auto":
+        return "weight" if similarity < 0.5 and base is None else "none"
+    if align in ("weight", "activation"):
+        if base is not None:
+            raise MethodError(
+                "align: members fine-tuned from a common base are already aligned; "
+                "pass align='none' with base="
+            )
+    elif align != "none":
+        raise MethodError(f"align must be 'auto', 'weight', 'activation' or 'none', got {align!r}")
+    return align
+
+
+def _merged_tensors(
+    method: str,
+    kernel: Kernel,
+    members: Sequence[Member],
+    states: list[dict[str, torch.Tensor]],
+    differing: list[str],
+    *,
+    base_state: dict[str, torch.Tensor] | None,
+    weights: Sequence[float] | None,
+    params: Mapping[str, Any] | None,
+    inputs: torch.Tensor | None,
+    progress: bool | None,
+) -> dict[str, torch.Tensor]:
+    """The ``differing`` tensors merged with ``method``. A kernel that reads statistics of the
+    data (Fisher, RegMean) merges the tensors it has them for; the others are averaged."""
+    if kernel.needs == "none":
+        return merge_state_dicts(
+            method, states, base=base_state, weights=weights, params=params, names=differing
+        )
+    if inputs is None:
+        raise DataError(f"merge method {method!r} needs data (inputs; labels are not needed)")
+    stat_fn = fisher_diagonal if kernel.needs == "fisher" else input_grams
+    extras = [
+        stat_fn(m, inputs, keys=differing)
+        for m in track(members, f"{kernel.needs} statistics", enabled=progress)
+    ]
+    with_extra = [k for k in differing if all(k in e for e in extras)]
+    merged = merge_state_dicts(
+        method,
+        states,
+        weights=weights,
+        params=params,
+        extra={k: [e[k] for e in extras] for k in with_extra},
+        names=with_extra,
+    )
+    rest = [k for k in differing if k not in with_extra]
+    plain = merge_state_dicts("linear", states, weights=weights, names=rest)
+    return merged | {k: plain[k] for k in rest}
+
+
+def _restore_statistics(
+    rebuilt: list[Member],
+    members: Sequence[Member],
+    spec: PermutationSpec | None,
+    inputs: torch.Tensor,
+    weights: Sequence[float] | None,
+    keys: Sequence[str],
+) -> None:
+    """The merged body's statistics on ``inputs``: REPAIR (a BatchNorm reset where there is
+    one) after alignment, a BatchNorm reset otherwise; the result shared by every member."""
+    if spec is not None:
+        repair(
+            rebuilt[0].module,
+            [m.module for m in members],
+            spec,
+            inputs,
+            weights=None if weights is None else [w / sum(weights) for w in weights],
+        )
+    else:
+        reset_batchnorm(rebuilt[0].module, inputs)
+    stats = {k: v for k, v in rebuilt[0].module.state_dict().items() if k in keys}
+    for m in rebuilt[1:]:
+        m.module.load_state_dict({**m.module.state_dict(), **stats})
 
 
 def merge_members(
@@ -311,81 +321,36 @@ def merge_members(
         union, union_params: how the kept heads are combined (any registered union method).
     """
     members = list(members)
-    _check_members(members)
+    check_members(members)
     kernel = get_kernel(method)
-    states, keys = _body_states(members)
-    prepared = _prepared(members[0], data) if data is not None else None
+    states, keys = body_states(members)
+    inputs = prepared(members[0], data) if data is not None else None
     similarity = body_similarity(states[0], states[1])
-    if align == "auto":
-        align = "weight" if similarity < 0.5 and base is None else "none"
+    align = _alignment(align, similarity, base)
     spec = None
     if align in ("weight", "activation"):
-        if base is not None:
-            raise MethodError(
-                "align: members fine-tuned from a common base are already aligned; "
-                "pass align='none' with base="
-            )
-        members, spec = _align_to_first(members, states, align, prepared, seed)
-        states, keys = _body_states(members)
-    elif align != "none":
-        raise MethodError(f"align must be 'auto', 'weight', 'activation' or 'none', got {align!r}")
-    base_state = None
-    if base is not None:
-        full = _load_base(base, members[0])
-        missing = [k for k in keys if k not in full]
-        if missing:
-            raise IncompatibleMembersError(
-                f"tensor {missing[0]!r} of the members' bodies is not in the base model"
-            )
-        base_state = {k: full[k] for k in keys}
+        members, spec = _align_to_first(members, states, align, inputs, seed)
+        states, keys = body_states(members)
+    base_state = None if base is None else _base_state(base, members[0], keys)
     shared = [k for k in keys if all(torch.equal(s[k], states[0][k]) for s in states[1:])]
     differing = [k for k in keys if k not in shared]
-    merged: dict[str, torch.Tensor] = {}
-    if kernel.needs != "none":
-        if prepared is None:
-            raise DataError(f"merge method {method!r} needs data (inputs; labels are not needed)")
-        stat_fn = fisher_diagonal if kernel.needs == "fisher" else input_grams
-        extras = [
-            stat_fn(m, prepared, keys=differing)
-            for m in track(members, f"{kernel.needs} statistics", enabled=progress)
-        ]
-        with_extra = [k for k in differing if all(k in e for e in extras)]
-        merged |= merge_state_dicts(
-            method,
-            states,
-            weights=weights,
-            params=params,
-            extra={k: [e[k] for e in extras] for k in with_extra},
-            names=with_extra,
-        )
-        rest = [k for k in differing if k not in with_extra]
-        plain = merge_state_dicts("linear", states, weights=weights, names=rest)
-        merged |= {k: plain[k] for k in rest}
-    else:
-        merged = merge_state_dicts(
-            method, states, base=base_state, weights=weights, params=params, names=differing
-        )
+    merged = _merged_tensors(
+        method,
+        kernel,
+        members,
+        states,
+        differing,
+        base_state=base_state,
+        weights=weights,
+        params=params,
+        inputs=inputs,
+        progress=progress,
+    )
     body = {k: states[0][k] if k in shared else merged[k] for k in keys}
-    rebuilt = []
-    for m in members:
-        state = dict(m.module.state_dict())
-        state.update(body)
-        rebuilt.append(_rebuild(m, state))
-    if prepared is not None:
-        if spec is not None:  # aligned members: REPAIR (a BatchNorm reset where there is one)
-            repair(
-                rebuilt[0].module,
-                [m.module for m in members],
-                spec,
-                prepared,
-                weights=None if weights is None else [w / sum(weights) for w in weights],
-            )
-        else:
-            reset_batchnorm(rebuilt[0].module, prepared)
-        stats = {k: v for k, v in rebuilt[0].module.state_dict().items() if k in keys}
-        for m in rebuilt[1:]:
-            m.module.load_state_dict({**m.module.state_dict(), **stats})
-    model = _union(rebuilt, union, union_params, data, seed, progress)
+    rebuilt = [rebuild(m, {**m.module.state_dict(), **body}) for m in members]
+    if inputs is not None:
+        _restore_statistics(rebuilt, members, spec, inputs, weights, keys)
+    model = union_of(rebuilt, union, union_params, data, seed, progress)
     model.method["merge"] = {
         "method": method,
         "params": dict(params or {}),
@@ -396,183 +361,6 @@ def merge_members(
         "shared_tensors": len(shared),
     }
     return model
-
-
-# -- ZipIt! -----------------------------------------------------------------------------------
-
-
-def zip_layers(spec: PermutationSpec) -> list[int]:
-    """The valid partial-zip depths: ``k`` such that every group produced by the first ``k``
-    weighted layers is produced by none after them (the last is a full zip)."""
-    producers: dict[str, list[int]] = {}
-    for i, (_, g) in enumerate(spec.layers):
-        if g is not None:
-            producers.setdefault(g, []).append(i)
-    hidden = [i for i, (_, g) in enumerate(spec.layers) if g is not None]
-    valid = []
-    for k in range(1, len(hidden) + 1):
-        inside = set(hidden[:k])
-        groups = {spec.layers[i][1] for i in inside}
-        if all(set(producers[g]) <= inside for g in groups if g is not None):
-            valid.append(k)
-    return valid
-
-
-def _apply_side(
-    tensor: torch.Tensor,
-    axes: Sequence[tuple[str, int] | None],
-    out_mats: Mapping[str, torch.Tensor],
-    in_mats: Mapping[str, torch.Tensor],
-) -> torch.Tensor:
-    """Contract axis 0 with ``out_mats[g]`` (``n_out, n``) and axes >= 1 with ``in_mats[g]``
-    (``n, n_out``), a channel repeated ``repeat`` times staying with its channel."""
-    t = tensor.double()
-    for axis, desc in enumerate(axes):
-        if desc is None:
-            continue
-        group, repeat = desc
-        mats = out_mats if axis == 0 else in_mats
-        if group not in mats:
-            continue
-        mat = mats[group]
-        if axis != 0:
-            mat = mat.T  # (n_out, n): rows index the new units
-        moved = t.movedim(axis, 0)
-        rest = moved.shape[1:]
-        n = moved.shape[0] // repeat
-        blocks = moved.reshape(n, repeat, -1)
-        new = torch.einsum("on,nrk->ork", mat, blocks).reshape(mat.shape[0] * repeat, *rest)
-        t = new.movedim(0, axis)
-    return t.to(tensor.dtype)
-
-
-def zip_members(
-    members: Sequence[Member],
-    data: Any,
-    *,
-    layers: int | None = None,
-    alpha: float = 0.5,
-    union: str = "concat",
-    union_params: dict[str, Any] | None = None,
-    repair_stats: bool = True,
-    seed: int = 0,
-    progress: bool | None = None,
-) -> CombinedModel:
-    """ZipIt! (Stoica et al. 2024): merge two members trained on different tasks (any labels)
-    by pairing their most correlated features, within and across the models, on unlabeled
-    ``data``; their heads are kept and combined with ``union``.
-
-    Args:
-        layers: zip only the first ``layers`` weighted layers and run the rest per member on
-            the unmerged features (partial zipping: more accuracy, more compute); must be one
-            of :func:`zip_layers`' depths; default: everything but the heads.
-        alpha: the share of a layer's units that may be paired within one model (ZipIt!'s β).
-        repair_stats: reset BatchNorm statistics (or REPAIR the layers of a network without
-            BatchNorm) on ``data`` after zipping.
-    """
-    members = list(members)
-    if len(members) != 2:
-        raise IncompatibleMembersError(f"zip merges exactly 2 members, got {len(members)}")
-    _check_members(members)
-    _, keys = _body_states(members)
-    prepared = _prepared(members[0], data)
-    a, b = members
-    spec = permutation_spec(a.module, prepared[:2], what=f"member {a.name!r}")
-    valid = zip_layers(spec)
-    if not valid:
-        raise MethodError(f"member {a.name!r} has no hidden layer to zip")
-    depth = valid[-1] if layers is None else layers
-    if depth not in valid:
-        raise MethodError(
-            f"cannot zip the first {depth} layers of member {a.name!r}: a group of units would "
-            f"be half merged; valid depths: {valid}"
-        )
-    hidden = [i for i, (_, g) in enumerate(spec.layers) if g is not None]
-    zipped_layers = {spec.layers[i][0] for i in hidden[:depth]}
-    zipped_groups = {g for i in hidden[:depth] if (g := spec.layers[i][1]) is not None}
-    stats = correlation_stats(a.module, b.module, spec, prepared, groups=zipped_groups)
-    mats = {g: zip_matching(s.joint_correlation(), alpha=alpha) for g, s in stats.items()}
-    n = {g: spec.sizes[g] for g in zipped_groups}
-    side_out = [
-        {g: m[:, : n[g]] for g, (m, _) in mats.items()},
-        {g: m[:, n[g] :] for g, (m, _) in mats.items()},
-    ]
-    side_in = [
-        {g: u[: n[g]] for g, (_, u) in mats.items()},
-        {g: u[n[g] :] for g, (_, u) in mats.items()},
-    ]
-    full_states = [dict(m.module.state_dict()) for m in members]
-    new_states: list[dict[str, torch.Tensor]] = [dict(s) for s in full_states]
-    for key in full_states[0]:
-        axes = spec.axes.get(key)
-        if axes is None or not full_states[0][key].is_floating_point():
-            continue
-        # a tensor whose output units are zipped is merged (the zip depth is valid, so those
-        # are exactly the zipped layers and their norms); the others read zipped units at most
-        in_zipped = bool(axes) and axes[0] is not None and axes[0][0] in zipped_groups
-        if in_zipped:  # a merged tensor: the same in both members
-            merged = sum(
-                _apply_side(full_states[s][key], axes, side_out[s], side_in[s]).double()
-                for s in (0, 1)
-            )
-            assert isinstance(merged, torch.Tensor)
-            for s in (0, 1):
-                new_states[s][key] = merged.to(full_states[s][key].dtype)
-        else:  # a member's own tensor reading zipped features: unmerge into its space
-            for s in (0, 1):
-                new_states[s][key] = _apply_side(full_states[s][key], axes, {}, side_in[s])
-    rebuilt = [_rebuild(m, new_states[i]) for i, m in enumerate(members)]
-    if repair_stats:
-        has_bn = any(
-            isinstance(x, nn.modules.batchnorm._BatchNorm) for x in rebuilt[0].module.modules()
-        )
-        if has_bn:
-            for m in rebuilt:
-                reset_batchnorm(m.module, prepared)
-            # merged groups' BatchNorms must stay identical in both members (a shared trunk)
-            merged_bn = [
-                k
-                for k in keys
-                if k.endswith(("running_mean", "running_var"))
-                and (spec.axes.get(k) or (None,))[0] is not None
-                and spec.axes[k][0][0] in zipped_groups  # type: ignore[index]
-            ]
-            stats = {k: rebuilt[0].module.state_dict()[k] for k in merged_bn}
-            rebuilt[1].module.load_state_dict({**rebuilt[1].module.state_dict(), **stats})
-        else:
-            _zip_repair(rebuilt, members, spec, zipped_layers, mats, prepared)
-    model = _union(rebuilt, union, union_params, data, seed, progress)
-    model.method["merge"] = {
-        "method": "zipit",
-        "layers": depth,
-        "valid_layers": valid,
-        "alpha": alpha,
-    }
-    return model
-
-
-@torch.no_grad()
-def _zip_repair(
-    rebuilt: list[Member],
-    originals: list[Member],
-    spec: PermutationSpec,
-    zipped_layers: set[str],
-    mats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    inputs: torch.Tensor,
-) -> None:
-    """REPAIR for a zipped network without BatchNorm: each merged unit's output mean and
-    standard deviation are set to the average of the units it merged, layer by layer."""
-    from netmeld.methods.permutation import channel_stats, rescale_outputs
-
-    modules = [m.module for m in rebuilt]
-    for layer, group in spec.layers:
-        if layer not in zipped_layers or group is None:
-            continue
-        merge = mats[group][0]
-        ends = [channel_stats(m.module, layer, inputs, 256) for m in originals]
-        t_mean = merge @ torch.cat([ends[0][0], ends[1][0]])
-        t_std = merge @ torch.cat([ends[0][1], ends[1][1]])
-        rescale_outputs(modules, layer, t_mean, t_std, inputs)
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
