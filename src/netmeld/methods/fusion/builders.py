@@ -100,6 +100,43 @@ def parallel(
     )
 
 
+def _second_network(
+    second: Part,
+    labels: list[str],
+    second_input_shape: Sequence[int] | None,
+    got: tuple[int, ...],
+) -> tuple[Member, nn.Module, tuple[int, ...]]:
+    """The second network of :func:`hierarchical` as a member over ``labels``, its module (a
+    copy, trainable) and the input shape it reads (``got``, the first network's features,
+    where nothing else says)."""
+    if isinstance(second, Member):
+        if len(second.labels) != len(labels):
+            raise LabelError(
+                f"hierarchical: the second member {second.name!r} has {len(second.labels)} "
+                f"labels, {len(labels)} given"
+            )
+        module = copy.deepcopy(second.module).requires_grad_(True)
+        return second, module, tuple(second_input_shape or second.preprocessing.input_shape)
+    if isinstance(second, (str, Architecture)):
+        arch = Architecture.parse(second)
+        module = arch.build(num_classes=len(labels))
+        member = Member(
+            module,
+            labels,
+            name="second",
+            preprocessing={"input_shape": (1,)},
+            architecture=arch,
+        )
+        if second_input_shape is None:
+            raise IncompatibleMembersError(
+                "hierarchical: pass second_input_shape= (what the fresh second network reads)"
+            )
+        return member, module, tuple(second_input_shape)
+    module = copy.deepcopy(second).requires_grad_(True)
+    member = Member(module, labels, name="second", preprocessing={"input_shape": (1,)})
+    return member, module, tuple(second_input_shape) if second_input_shape is not None else got
+
+
 def hierarchical(
     first: Part,
     second: Part,
@@ -136,36 +173,7 @@ def hierarchical(
     first_spec = _part_spec(first, "first")
     first_part = _make_part(first, first_spec, shape, None, cut=cut)
     got = _out_shape(first_part, shape, "the first network")
-    if isinstance(second, Member):
-        if len(second.labels) != len(labels):
-            raise LabelError(
-                f"hierarchical: the second member {second.name!r} has {len(second.labels)} "
-                f"labels, {len(labels)} given"
-            )
-        second_member = second
-        second_module = copy.deepcopy(second.module).requires_grad_(True)
-        want = tuple(second_input_shape or second.preprocessing.input_shape)
-    elif isinstance(second, (str, Architecture)):
-        arch = Architecture.parse(second)
-        second_module = arch.build(num_classes=len(labels))
-        second_member = Member(
-            second_module,
-            labels,
-            name="second",
-            preprocessing={"input_shape": (1,)},
-            architecture=arch,
-        )
-        if second_input_shape is None:
-            raise IncompatibleMembersError(
-                "hierarchical: pass second_input_shape= (what the fresh second network reads)"
-            )
-        want = tuple(second_input_shape)
-    else:
-        second_module = copy.deepcopy(second).requires_grad_(True)
-        second_member = Member(
-            second_module, labels, name="second", preprocessing={"input_shape": (1,)}
-        )
-        want = tuple(second_input_shape) if second_input_shape is not None else got
+    second_member, second_module, want = _second_network(second, labels, second_input_shape, got)
     adapt_module, notes = adapter(got, want, adapt)
     second_spec = _part_spec(second_member, "second")
     if second_spec is not None:
