@@ -90,13 +90,13 @@ def run_parallel(seed: int, args: argparse.Namespace) -> dict:
     for name, arch in PAIRS[args.pair]:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model = fusion.fit(single(arch, labels, name[0]), train, **fit)
+        model = netmeld.train(single(arch, labels, name[0]), train, **fit)
         record(f"branch {name} alone", model, time.perf_counter() - start)
         trained[name[0]] = model
     for fuse in fusion.FUSIONS:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model = fusion.fit(
+        model = netmeld.train(
             fusion.parallel({"A": arch_a, "B": arch_b}, labels, fuse=fuse, input_shape=(1, 28, 28)),
             train,
             **fit,
@@ -116,7 +116,7 @@ def run_parallel(seed: int, args: argparse.Namespace) -> dict:
     for fuse in ("concat", "gating"):
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model = fusion.fit(
+        model = netmeld.train(
             fusion.parallel(members, labels, fuse=fuse, freeze=["A", "B"]),
             train,
             **{**fit, "epochs": 1},
@@ -151,7 +151,7 @@ def run_multitask(seed: int, args: argparse.Namespace) -> dict:
     ):
         torch.manual_seed(seed)
         start = time.perf_counter()
-        model = fusion.fit(single(trunk, labels, task), data, **fit)
+        model = netmeld.train(single(trunk, labels, task), data, **fit)
         total_s += time.perf_counter() - start
         total_params += model.num_parameters
         accs[task] = accuracy(model, evaluation)
@@ -166,7 +166,7 @@ def run_multitask(seed: int, args: argparse.Namespace) -> dict:
             input_shape=(1, 28, 28),
         )
         start = time.perf_counter()
-        out = fusion.fit(model, train, **fit)
+        out = netmeld.train(model, train, **fit)
         acc = fusion.task_accuracy(out, test)
         learned = out.method["params"]["learned_weights"]
         rows[f"multitask, {weighting}"] = {

@@ -105,7 +105,7 @@ def _nchw(x: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["a.keras", "a.h5", "b.keras"])
 def test_keras_members_match_keras_and_combine_with_pytorch(forum, images, name, tmp_path):
     root, models = forum
-    member = bridges.keras_member(root / name, DIGITS)
+    member = netmeld.Member.from_keras(root / name, DIGITS)
     assert member.preprocessing.input_shape == (1, S, S)
     x = images[0][:8]
     keras_model = models[name[0]]
@@ -122,7 +122,8 @@ def test_keras_members_match_keras_and_combine_with_pytorch(forum, images, name,
 
 def test_a_multi_output_keras_model_gives_members_that_share_the_trunk(forum, images):
     root, models = forum
-    members = bridges.keras_members(root / "c.keras", {"digits": DIGITS, "shapes": SHAPES})
+    labels = {"digits": DIGITS, "shapes": SHAPES}
+    members = netmeld.Member.from_keras_outputs(root / "c.keras", labels)
     model = netmeld.meld([*members, _torch_member()], "concat")
     assert set(model.plan[0].members) == {"c-digits", "c-shapes"}
     x = images[0][:6]
@@ -132,23 +133,23 @@ def test_a_multi_output_keras_model_gives_members_that_share_the_trunk(forum, im
     assert abs(torch.softmax(logits[:, :10], 1).numpy() - digits).max() < 1e-5
     assert abs(torch.softmax(logits[:, 10:15], 1).numpy() - shapes).max() < 1e-5
     with pytest.raises(MemberError, match="2 outputs"):
-        bridges.keras_member(root / "c.keras", DIGITS)
+        netmeld.Member.from_keras(root / "c.keras", DIGITS)
     with pytest.raises(MemberError, match="10 units, 5 labels"):
-        bridges.keras_member(root / "c.keras", SHAPES, output="digits")
+        netmeld.Member.from_keras(root / "c.keras", SHAPES, output="digits")
     keras = _keras()
     unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
     with pytest.raises(MemberError, match="not built"):
-        bridges.keras_member(unbuilt, ["a", "b", "c"])
+        netmeld.Member.from_keras(unbuilt, ["a", "b", "c"])
 
 
 def test_a_keras_member_trains_in_a_fusion_with_a_pytorch_member(forum, images):
     root, _ = forum
-    keras_member = bridges.keras_member(root / "b.keras", DIGITS)
+    keras_member = netmeld.Member.from_keras(root / "b.keras", DIGITS)
     model = fusion.parallel([keras_member, _torch_member()], freeze=["b"])
     net = model.members[0].module
     frozen = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("branches.b.")}
     x, y10, _ = images
-    out = fusion.fit(model, (_nchw(x), [DIGITS[i] for i in y10]), epochs=1, progress=False)
+    out = netmeld.train(model, (_nchw(x), [DIGITS[i] for i in y10]), epochs=1, progress=False)
     after = out.members[0].module.state_dict()
     assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items())
     assert out(_nchw(x[:3])).shape == (3, 12)
@@ -158,7 +159,7 @@ def _keras_and_torch(forum, images):
     root, _ = forum
     x, y10, _ = images
     labels = [DIGITS[v] if j % 2 else ("cat", "dog")[v % 2] for j, v in enumerate(y10)]
-    return bridges.keras_member(root / "b.keras", DIGITS), _torch_member(), (_nchw(x), labels)
+    return netmeld.Member.from_keras(root / "b.keras", DIGITS), _torch_member(), (_nchw(x), labels)
 
 
 @pytest.mark.parametrize("method", netmeld.list_methods())
@@ -181,7 +182,7 @@ def test_keras_members_distil_merge_and_extend(forum, images, tmp_path):
     teacher = netmeld.meld([keras_member, torch_member], "concat")
     student = netmeld.distill(teacher, x, epochs=1, progress=False)
     assert isinstance(student.members[0].module, bridges.KerasClassifier)  # a new 12-way head
-    twin = bridges.keras_member(forum[0] / "b.keras", DIGITS, name="b2")
+    twin = netmeld.Member.from_keras(forum[0] / "b.keras", DIGITS, name="b2")
     merged = netmeld.merge_members([keras_member, twin], "linear")  # identical weights
     assert merged.labels == DIGITS
     assert merged.predict(x) == netmeld.meld([keras_member], "concat").predict(x)
@@ -205,7 +206,7 @@ def test_onnx_members_match_pytorch_and_save_without_the_file(tmp_path):
         output_names=["probs"],
         dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
     )
-    member = bridges.onnx_member(tmp_path / "m.onnx", ["a", "b", "c"])
+    member = netmeld.Member.from_onnx(tmp_path / "m.onnx", ["a", "b", "c"])
     x = torch.rand(5, 1, S, S)
     with torch.no_grad():
         assert (member.module(x) - net(x)).abs().max() < 1e-5  # logits: the softmax was cut
@@ -214,7 +215,7 @@ def test_onnx_members_match_pytorch_and_save_without_the_file(tmp_path):
     (tmp_path / "m.onnx").unlink()
     assert torch.equal(netmeld.load(tmp_path / "combined")(x), model(x))
     with pytest.raises(MemberError, match="no such file"):
-        bridges.onnx_member(tmp_path / "m.onnx", ["a"])
+        netmeld.Member.from_onnx(tmp_path / "m.onnx", ["a"])
 
 
 def _ort(path, x: torch.Tensor) -> np.ndarray:
@@ -255,7 +256,7 @@ def _combined_models(digits2, forum):
         "merge-ties": netmeld.merge_members(members, "ties", params={"density": 0.5}),
         "zipit": netmeld.zip_members(members, pool[0]),
         "keras+torch": netmeld.meld(
-            [bridges.keras_member(root / "b.keras", DIGITS), _torch_member()], "concat"
+            [netmeld.Member.from_keras(root / "b.keras", DIGITS), _torch_member()], "concat"
         ),
     }
 

@@ -220,11 +220,50 @@ def test_untraceable_member_runs_whole_and_round_trips(tmp_path):
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(combined(x), torch.cat([model_a(x), b_module(x)], 1))
-        model_a(x)  # running the member directly records nothing
-    assert all(not getattr(t, "_captured", []) for t in combined.trunks.values())
+    for _ in range(3):  # however many models are built on it, the user's module keeps no hook
+        CombinedModel([a, b])(x)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model_a.modules())
     combined.save(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(netmeld.load(tmp_path / "m")(x), combined(x))
+
+
+def test_meld_warns_once_naming_a_member_whose_trunk_cannot_be_shared(digits2):
+    branchy = Member(
+        _Branchy().eval(), ["x", "y"], name="branchy", preprocessing=Preprocessing((4,))
+    )
+    other = Member(_Branchy().eval(), ["z", "w"], name="other", preprocessing=Preprocessing((4,)))
+    with pytest.warns(UserWarning, match="torch.fx cannot trace") as caught:
+        netmeld.meld([branchy, other], "concat")
+    messages = [str(w.message) for w in caught if "torch.fx" in str(w.message)]
+    assert len(messages) == 2  # once per member, each named
+    assert messages[0].startswith("member 'branchy'") and messages[1].startswith("member 'other'")
+    assert all("not shared" in m for m in messages)
+
+
+def test_the_union_head_refuses_a_fitted_value_of_the_wrong_shape_or_not_finite(digits2):
+    model = CombinedModel(digits2.members)
+    with pytest.raises(netmeld.MethodError, match=r"scale: a fitted value of shape \(3,\)"):
+        model.union.set_calibration(scale=torch.ones(3))
+    with pytest.raises(netmeld.MethodError, match="offset: the fitted value is not finite"):
+        model.union.set_calibration(offset=torch.tensor([0.0, float("nan")]))
+    with pytest.raises(netmeld.MethodError, match="no router"):
+        model.union.set_router(mean=torch.zeros(4))
+    assert torch.equal(model.union.offset, torch.zeros(2))  # nothing half-set
+
+
+def test_labels_are_derived_from_the_members_and_follow_combiner_and_extension(digits2):
+    from netmeld.model.heads import Extension
+
+    model = CombinedModel(digits2.members)
+    union = [label for m in digits2.members for label in m.labels]
+    union = list(dict.fromkeys(union))
+    assert model.labels == model.union_labels == union
+    model.set_extension(Extension(3, ["alien"]))
+    assert model.labels == [*union, "alien"] and model.label_members["alien"] == []
+    model.set_extension(None)
+    assert model.labels == union
+    assert all(model.label_members[label] for label in union)
 
 
 class _Branchy(nn.Module):

@@ -45,7 +45,7 @@ def test_parallel_fuses_the_members_union_and_keeps_frozen_parts(digits2, digits
     net = model.members[0].module
     frozen, trained = _state(net, f"branches.{a.name}"), _state(net, f"branches.{b.name}")
     assert any("running_mean" in k for k in frozen)  # BatchNorm statistics are checked too
-    out = fusion.fit(model, digits[0], epochs=8, lr=1e-2, progress=False)
+    out = netmeld.train(model, digits[0], epochs=8, lr=1e-2, progress=False)
     after = out.members[0].module.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
     assert any(not torch.equal(v, after[k]) for k, v in trained.items())
@@ -60,7 +60,7 @@ def test_parallel_fuses_the_members_union_and_keeps_frozen_parts(digits2, digits
 def test_fit_leaves_the_model_given_unchanged(digits2, digits):
     model = fusion.parallel(digits2.members)
     before = _state(model.members[0].module, "")
-    fusion.fit(model, digits[0], epochs=1, progress=False)
+    netmeld.train(model, digits[0], epochs=1, progress=False)
     after = model.members[0].module.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
@@ -141,7 +141,7 @@ def test_hierarchical_adapts_mismatched_shapes_and_reports_it(digits, tmp_path):
     x = digits[1][0][:4]
     assert model(x).shape == (4, 10)
     frozen = _state(model.members[0].module, "first.")
-    out = fusion.fit(model, digits[0], epochs=2, lr=3e-3, progress=False)
+    out = netmeld.train(model, digits[0], epochs=2, lr=3e-3, progress=False)
     after = out.members[0].module.state_dict()
     assert frozen and all(torch.equal(v, after[k]) for k, v in frozen.items())
     out.save(tmp_path / "h")
@@ -190,7 +190,7 @@ def test_multitask_heads_label_map_and_weighting(digits, weighting, tmp_path):
     x = digits[1][0][:3]
     assert model(x).shape == (3, 12)
     assert fusion.task_slices(model) == {"digit": slice(0, 10), "big": slice(10, 12)}
-    out = fusion.fit(model, _two_tasks(digits[0]), epochs=10, lr=1e-2, progress=False)
+    out = netmeld.train(model, _two_tasks(digits[0]), epochs=10, lr=1e-2, progress=False)
     acc = fusion.task_accuracy(out, _two_tasks(digits[1]))
     assert acc["digit"] > 0.5 and acc["big"] > 0.7, acc  # chance: 0.1 and 0.5
     learned = out.method["params"]["learned_weights"]
@@ -207,17 +207,17 @@ def test_multitask_errors():
         fusion.multitask(FRESH, {"a": ["x"]}, loss_weights={"b": 1.0}, input_shape=(1, 8, 8))
     model = fusion.multitask(FRESH, {"a": ["x", "y"]}, input_shape=(1, 8, 8))
     with pytest.raises(LabelError, match="'task/label'"):
-        fusion.fit(model, (torch.rand(2, 1, 8, 8), ["x", "a/y"]), epochs=1, progress=False)
+        netmeld.train(model, (torch.rand(2, 1, 8, 8), ["x", "a/y"]), epochs=1, progress=False)
     with pytest.raises(MemberError, match="weighting"):
         fusion.multitask(FRESH, {"a": ["x"]}, weighting="nope", input_shape=(1, 8, 8))
 
 
 def test_fit_refuses_other_models_and_unknown_labels(digits2, digits):
     with pytest.raises(MemberError, match="method is 'concat'"):
-        fusion.fit(netmeld.meld(digits2.members, "concat"), digits[0], progress=False)
+        netmeld.train(netmeld.meld(digits2.members, "concat"), digits[0], progress=False)
     model = fusion.parallel({"a": FRESH}, ["0", "1"], input_shape=(1, 8, 8))
     with pytest.raises(LabelError, match="does not know"):
-        fusion.fit(model, digits[0], epochs=1, progress=False)
+        netmeld.train(model, digits[0], epochs=1, progress=False)
 
 
 def test_unsaveable_plain_modules_say_how_to_fix_it():
@@ -291,8 +291,8 @@ def test_a_killed_multitask_run_resumes_to_the_same_weights(
     def config(folder: str, resume: bool = False) -> TrainConfig:
         return TrainConfig(epochs=3, batch_size=32, lr=5e-3, checkpoint_dir=folder, resume=resume)
 
-    whole = fusion.fit(model, data, config=config(str(tmp_path / "a")), progress=False)
-    real_train = fusion_training.train
+    whole = netmeld.train(model, data, config=config(str(tmp_path / "a")), progress=False)
+    real_train = fusion_training.run_epochs
 
     def killed_after_first_epoch(*args, **kwargs):
         def stop(epoch: int, _loss: float) -> None:
@@ -301,11 +301,11 @@ def test_a_killed_multitask_run_resumes_to_the_same_weights(
 
         return real_train(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(fusion_training, "train", killed_after_first_epoch)
+    monkeypatch.setattr(fusion_training, "run_epochs", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        fusion.fit(model, data, config=config(str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(fusion_training, "train", real_train)
-    resumed = fusion.fit(model, data, config=config(str(tmp_path / "b"), True), progress=False)
+        netmeld.train(model, data, config=config(str(tmp_path / "b")), progress=False)
+    monkeypatch.setattr(fusion_training, "run_epochs", real_train)
+    resumed = netmeld.train(model, data, config=config(str(tmp_path / "b"), True), progress=False)
     a, b = whole.members[0].module.state_dict(), resumed.members[0].module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.method["params"]["learned_weights"] == resumed.method["params"]["learned_weights"]
@@ -321,7 +321,7 @@ def _ddp_parallel() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(120, 64, generator=generator)
     labels = [("x", "y", "z")[int(v)] for v in (x[:, 0] * 3).long().clamp(max=2)]
-    out = fusion.fit(model, (x, labels), epochs=2, batch_size=30, lr=1e-2, progress=False)
+    out = netmeld.train(model, (x, labels), epochs=2, batch_size=30, lr=1e-2, progress=False)
     return {k: v.clone() for k, v in out.members[0].module.state_dict().items()}
 
 

@@ -83,3 +83,32 @@ def test_old_import_paths_work_with_a_deprecation_warning(old, name):
     assert callable(getattr(module, name))
     with pytest.raises(AttributeError, match="has no 'nope'"):
         _ = module.nope
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("fit", "train"),
+        ("parallel", "fusion.parallel"),
+        ("keras_member", "Member.from_keras"),
+        ("keras_members", "Member.from_keras_outputs"),
+        ("onnx_member", "Member.from_onnx"),
+        ("export_onnx", "export"),
+    ],
+)
+def test_renamed_names_still_answer_with_a_deprecation_warning_naming_the_new_one(old, new):
+    expected: object = netmeld
+    for part in new.split("."):
+        expected = getattr(expected, part)
+    with pytest.warns(DeprecationWarning, match=rf"netmeld\.{old} is now netmeld\.{new}"):
+        got = getattr(netmeld, old)
+    assert got == expected
+    assert old not in netmeld.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        _ = netmeld.nope
+
+
+def test_fusion_fit_is_netmeld_train_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="is now netmeld.train"):
+        got = netmeld.fusion.fit
+    assert got is netmeld.train

@@ -20,18 +20,24 @@ from netmeld.errors import (
     RecipeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
-from netmeld.members.bridges import export_onnx, keras_member, keras_members, onnx_member
 from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.methods import fusion, get_method, list_methods, register_method
 from netmeld.methods.distill import distill
 from netmeld.methods.extend import extend
-from netmeld.methods.fusion import fit, hierarchical, multitask, parallel
+from netmeld.methods.fusion.training import train
 from netmeld.methods.meld import extract, meld
 from netmeld.methods.merge import merge_members, zip_members
-from netmeld.model.artifact import load
+from netmeld.model.artifact import export, load
 from netmeld.model.combined import CombinedModel
 
 _deprecated.install()
+
+
+def __getattr__(name: str) -> object:
+    """0.1.0's names that were renamed (``fit``, ``keras_member``, ...): one more release, with
+    a ``DeprecationWarning`` naming the new one."""
+    return _deprecated.renamed(name)
+
 
 __all__ = [
     "Architecture",
@@ -53,23 +59,17 @@ __all__ = [
     "compare",
     "distill",
     "evaluate",
-    "export_onnx",
+    "export",
     "extend",
     "extract",
-    "fit",
     "fusion",
     "get_method",
-    "hierarchical",
-    "keras_member",
-    "keras_members",
     "list_methods",
     "load",
     "load_data",
     "meld",
     "merge_members",
-    "multitask",
-    "onnx_member",
-    "parallel",
     "register_method",
+    "train",
     "zip_members",
 ]

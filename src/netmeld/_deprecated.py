@@ -30,6 +30,35 @@ MOVED: dict[str, tuple[str, ...]] = {
 }
 
 
+# names of netmeld 0.1.0 that were renamed -> where the thing lives now (from the package)
+RENAMED: dict[str, str] = {
+    "fit": "train",
+    "parallel": "fusion.parallel",
+    "hierarchical": "fusion.hierarchical",
+    "multitask": "fusion.multitask",
+    "keras_member": "Member.from_keras",
+    "keras_members": "Member.from_keras_outputs",
+    "onnx_member": "Member.from_onnx",
+    "export_onnx": "export",
+}
+
+
+def renamed(name: str) -> Any:
+    """The object a renamed 0.1.0 name now stands for, with a ``DeprecationWarning``."""
+    if name not in RENAMED:
+        raise AttributeError(f"module 'netmeld' has no attribute {name!r}")
+    new = RENAMED[name]
+    warnings.warn(
+        f"netmeld.{name} is now netmeld.{new}; the old name will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    obj: Any = importlib.import_module("netmeld")
+    for part in new.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class _Moved(types.ModuleType):
     def __init__(self, name: str, targets: tuple[str, ...]) -> None:
         super().__init__(name, f"moved to {', '.join(targets)}")
@@ -40,6 +69,8 @@ class _Moved(types.ModuleType):
             module = importlib.import_module(target)
             if hasattr(module, attr):
                 return getattr(module, attr)
+        if attr in RENAMED:
+            return renamed(attr)
         raise AttributeError(
             f"module {self.__name__!r} (moved to {self._targets[0]}) has no {attr!r}"
         )

@@ -193,13 +193,11 @@ def load_member(spec: MemberSpec, base: Path) -> Member:
     pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
     suffix = path.suffix.lower()
     if suffix in (".keras", ".h5", ".hdf5"):
-        from netmeld.members.bridges import keras_member
-
-        return keras_member(path, labels, name=spec.name, output=spec.output, preprocessing=pre)
+        return Member.from_keras(
+            path, labels, name=spec.name, output=spec.output, preprocessing=pre
+        )
     if suffix == ".onnx":
-        from netmeld.members.bridges import onnx_member
-
-        return onnx_member(path, labels, name=spec.name, preprocessing=pre)
+        return Member.from_onnx(path, labels, name=spec.name, preprocessing=pre)
     assert spec.architecture is not None and pre is not None
     return Member.from_checkpoint(
         path,
@@ -522,6 +520,7 @@ def run_train_recipe(
     """Read a ``netmeld train`` recipe, build the fused model and train it."""
     from netmeld.data import Data, load_data
     from netmeld.methods import fusion
+    from netmeld.methods.fusion.training import train as fusion_train
 
     recipe, base = read_train_recipe(path)
     labels: Any = recipe.labels
@@ -586,4 +585,4 @@ def run_train_recipe(
     else:
         data = _resolve(base, recipe.data)
     config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
-    return fusion.fit(model, data, config=config, seed=recipe.seed, progress=progress)
+    return fusion_train(model, data, config=config, seed=recipe.seed, progress=progress)

@@ -1,16 +1,20 @@
 """Members from Keras 3 models (``.keras`` and legacy ``.h5``) and from ONNX files, and the
 export of any combined model to ONNX.
 
+The members themselves are made by :meth:`Member.from_keras`, :meth:`Member.from_keras_outputs`
+and :meth:`Member.from_onnx`; this module holds what they wrap the foreign model in.
+
 **Keras.** Under ``KERAS_BACKEND=torch`` a ``keras.Model`` is a ``torch.nn.Module`` whose
-weights are torch parameters. :func:`keras_member` wraps one as a classifier that reads
+weights are torch parameters. :meth:`Member.from_keras` wraps one as a classifier that reads
 netmeld's ``(N, C, H, W)`` images (it feeds Keras ``(N, H, W, C)``), and replaces the output
 ``Dense`` layer (softmax or not) by an ``nn.Linear`` with the same weights that returns logits.
 The member rebuilds from the model's JSON config, so a saved combined model needs no Keras file
 and no pickle. A model with several inputs of one shape gets the image on each; a model with
-several outputs gives one member per output (:func:`keras_members`); they share their trunk.
+several outputs gives one member per output (:meth:`Member.from_keras_outputs`); they share
+their trunk.
 
-**ONNX.** :func:`onnx_member` converts the graph with ``onnx2torch``; a final ``Softmax`` is cut
-off so the member returns logits. A saved combined model stores the graph without its weights
+**ONNX.** :meth:`Member.from_onnx` converts the graph with ``onnx2torch``; a final ``Softmax``
+is cut off so the member returns logits. A saved combined model stores the graph without its weights
 (those go to the safetensors file).
 
 **Export.** :func:`export_onnx` writes any combined model as ONNX (opset 17, dynamic batch) and
@@ -22,7 +26,6 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,6 @@ import torch
 from torch import nn
 
 from netmeld.errors import DataError, MemberError, ModelFileError
-from netmeld.members.member import Architecture, Member, Preprocessing, read_labels
 
 # -- Keras ------------------------------------------------------------------------------------
 
@@ -194,21 +196,13 @@ def _load_keras_model(path: str | Path) -> Any:
         raise MemberError(f"Keras model {str(path)!r} could not be read: {exc}") from exc
 
 
-def keras_member(
-    model: Any,
-    labels: Sequence[str] | str | Path,
-    *,
-    name: str | None = None,
-    output: str | int | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-) -> Member:
-    """A member from a Keras 3 model: a ``keras.Model`` or a ``.keras``/``.h5`` file path.
+KERAS_BUILDER = "netmeld.members.bridges:keras_classifier"
+ONNX_BUILDER = "netmeld.members.bridges:onnx_module"
 
-    ``output`` picks one output of a multi-output model (its layer name or index).
-    ``preprocessing`` defaults to the model's input shape with no normalisation (a Keras model
-    usually rescales inside, e.g. with a ``Rescaling`` layer); netmeld's ``[0, 1]`` images are
-    passed as they are.
-    """
+
+def load_keras(model: Any) -> tuple[Any, str | None]:
+    """A ``keras.Model`` from a model or a ``.keras``/``.h5`` path, and that path (``None``
+    for a model object)."""
     keras = _keras()
     source = str(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -217,58 +211,19 @@ def keras_member(
         raise MemberError(
             f"expected a keras.Model or a .keras/.h5 path, got {type(model).__name__}"
         )
-    label_names = read_labels(labels)
+    return model, source
+
+
+def wrap_keras(
+    model: Any, output: str | int | None, num_classes: int, source: str | None
+) -> tuple[KerasClassifier, dict[str, Any]]:
+    """The Keras model as a :class:`KerasClassifier` on one output, and the builder keyword
+    arguments (JSON config, output name) that rebuild it."""
     try:
-        module = KerasClassifier.wrap(model, output, len(label_names))
+        module = KerasClassifier.wrap(model, output, num_classes)
     except MemberError as exc:
         raise MemberError(f"{source or 'Keras model'}: {exc}") from exc
-    config = model.to_json()
-    if preprocessing is None:
-        preprocessing = Preprocessing(input_shape=module.input_shape)
-    return Member(
-        module,
-        label_names,
-        name=name or (Path(source).stem if source else model.name).replace(".", "-"),
-        preprocessing=preprocessing,
-        architecture=Architecture(
-            "netmeld.members.bridges:keras_classifier",
-            {"config": config, "output": module.output_name},
-        ),
-        head="fc",
-    )
-
-
-def keras_members(
-    model: Any,
-    labels: Mapping[str, Sequence[str]],
-    *,
-    name: str | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-) -> list[Member]:
-    """One member per output of a multi-output Keras model (``labels``: output name -> labels).
-
-    The members share the Keras trunk's weights, so a combined model runs it once.
-    """
-    keras = _keras()
-    if isinstance(model, (str, Path)):
-        stem = Path(model).stem
-        model = _load_keras_model(model)
-    else:
-        stem = model.name
-    if not isinstance(model, keras.Model):
-        raise MemberError(
-            f"expected a keras.Model or a .keras/.h5 path, got {type(model).__name__}"
-        )
-    return [
-        keras_member(
-            model,
-            output_labels,
-            name=f"{name or stem}-{output}".replace(".", "-"),
-            output=output,
-            preprocessing=preprocessing,
-        )
-        for output, output_labels in labels.items()
-    ]
+    return module, {"config": model.to_json(), "output": module.output_name}
 
 
 # -- ONNX -------------------------------------------------------------------------------------
@@ -335,16 +290,10 @@ def onnx_module(graph: str, num_classes: int | None = None) -> nn.Module:
     return onnx2torch.convert(proto)
 
 
-def onnx_member(
-    path: str | Path,
-    labels: Sequence[str] | str | Path,
-    *,
-    name: str | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-) -> Member:
-    """A member from an ``.onnx`` classifier (converted with onnx2torch; a final softmax is cut
-    so it returns logits). ``preprocessing`` defaults to the graph's input shape, no
-    normalisation."""
+def convert_onnx(path: str | Path) -> tuple[nn.Module, str, tuple[int, ...]]:
+    """An ``.onnx`` classifier as a torch module (a final softmax cut, so it returns logits),
+    its graph without weights (the builder's argument), and its input shape (without the batch
+    dimension; empty or with zeros where the graph leaves it open)."""
     onnx, onnx2torch = _onnx()
     path = Path(path)
     if not path.is_file():
@@ -357,24 +306,9 @@ def onnx_member(
         raise MemberError(f"ONNX model {str(path)!r}: {exc}") from exc
     except Exception as exc:
         raise MemberError(f"ONNX model {str(path)!r} could not be converted: {exc}") from exc
-    if preprocessing is None:
-        dims = proto.graph.input[0].type.tensor_type.shape.dim
-        shape = tuple(int(d.dim_value) for d in dims[1:])
-        if not shape or any(s <= 0 for s in shape):
-            raise MemberError(
-                f"ONNX model {str(path)!r}: its input shape is not fixed ({shape}); pass "
-                "preprocessing={'input_shape': ...}"
-            )
-        preprocessing = Preprocessing(input_shape=shape)
-    return Member(
-        module,
-        labels,
-        name=name or path.stem.replace(".", "-"),
-        preprocessing=preprocessing,
-        architecture=Architecture(
-            "netmeld.members.bridges:onnx_module", {"graph": _strip_weights(onnx, proto)}
-        ),
-    )
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = tuple(int(d.dim_value) for d in dims[1:])
+    return module, _strip_weights(onnx, proto), shape
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -454,11 +388,13 @@ def _check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> f
 
 
 __all__ = [
+    "KERAS_BUILDER",
+    "ONNX_BUILDER",
     "KerasClassifier",
+    "convert_onnx",
     "export_onnx",
     "keras_classifier",
-    "keras_member",
-    "keras_members",
-    "onnx_member",
+    "load_keras",
     "onnx_module",
+    "wrap_keras",
 ]

@@ -440,33 +440,29 @@ def build_submodule(t: TracedMember, start: int, stop: int) -> nn.Module:
 
 
 class CapturedBody(nn.Module):
-    """Runs an untraceable member whole and returns its head's input (via a forward hook).
+    """Runs an untraceable member whole and returns its head's input.
 
-    The hook records only while this module runs, so calling the member directly elsewhere
-    keeps nothing alive.
+    A forward pre-hook on the head records that input only while this module's ``forward``
+    runs: it is registered at the start of the call and removed at its end, so the user's
+    module carries no hook of netmeld's outside it (however many models are built on it).
     """
 
     def __init__(self, module: nn.Module, head_name: str) -> None:
         super().__init__()
         self.model = module
         self.head_name = head_name
-        self._captured: list[torch.Tensor] = []
-        self._active = False
-        module.get_submodule(head_name).register_forward_pre_hook(self._capture)
-
-    def _capture(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._active:
-            self._captured.append(args[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._captured.clear()
-        self._active = True
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            captured.append(args[0])
+
+        handle = self.model.get_submodule(self.head_name).register_forward_pre_hook(capture)
         try:
             self.model(x)
         finally:
-            self._active = False
-        if not self._captured:
+            handle.remove()
+        if not captured:
             raise MemberError(f"head {self.head_name!r} did not run in the member's forward")
-        features = self._captured[-1]
-        self._captured.clear()
-        return features
+        return captured[-1]

@@ -396,6 +396,94 @@ class Member:
         )
 
     @classmethod
+    def from_keras(
+        cls,
+        model: Any,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str | None = None,
+        output: str | int | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    ) -> Member:
+        """A member from a Keras 3 model: a ``keras.Model`` or a ``.keras``/``.h5`` file path.
+
+        ``output`` picks one output of a multi-output model (its layer name or index).
+        ``preprocessing`` defaults to the model's input shape with no normalisation (a Keras
+        model usually rescales inside, e.g. with a ``Rescaling`` layer); netmeld's ``[0, 1]``
+        images are passed as they are. The member rebuilds from the model's JSON config.
+        """
+        from netmeld.members.bridges import KERAS_BUILDER, load_keras, wrap_keras
+
+        keras_model, source = load_keras(model)
+        label_names = read_labels(labels)
+        module, kwargs = wrap_keras(keras_model, output, len(label_names), source)
+        return cls(
+            module,
+            label_names,
+            name=name or (Path(source).stem if source else keras_model.name).replace(".", "-"),
+            preprocessing=preprocessing or Preprocessing(input_shape=module.input_shape),
+            architecture=Architecture(KERAS_BUILDER, kwargs),
+            head="fc",
+        )
+
+    @classmethod
+    def from_keras_outputs(
+        cls,
+        model: Any,
+        labels: Mapping[str, Sequence[str]],
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    ) -> list[Member]:
+        """One member per output of a multi-output Keras model (``labels``: output name ->
+        labels). The members share the Keras trunk's weights, so a combined model runs it
+        once."""
+        from netmeld.members.bridges import load_keras
+
+        keras_model, source = load_keras(model)
+        stem = Path(source).stem if source else keras_model.name
+        return [
+            cls.from_keras(
+                keras_model,
+                output_labels,
+                name=f"{name or stem}-{output}".replace(".", "-"),
+                output=output,
+                preprocessing=preprocessing,
+            )
+            for output, output_labels in labels.items()
+        ]
+
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | Path,
+        labels: Sequence[str] | str | Path,
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    ) -> Member:
+        """A member from an ``.onnx`` classifier (converted with onnx2torch; a final softmax is
+        cut so it returns logits). ``preprocessing`` defaults to the graph's input shape, no
+        normalisation. A saved combined model stores the graph without its weights."""
+        from netmeld.members.bridges import ONNX_BUILDER, convert_onnx
+
+        module, graph, shape = convert_onnx(path)
+        if preprocessing is None:
+            if not shape or any(s <= 0 for s in shape):
+                raise MemberError(
+                    f"ONNX model {str(path)!r}: its input shape is not fixed ({shape}); pass "
+                    "preprocessing={'input_shape': ...}"
+                )
+            preprocessing = Preprocessing(input_shape=shape)
+        return cls(
+            module,
+            labels,
+            name=name or Path(path).stem.replace(".", "-"),
+            preprocessing=preprocessing,
+            architecture=Architecture(ONNX_BUILDER, {"graph": graph}),
+        )
+
+    @classmethod
     def from_timm(
         cls,
         model: nn.Module,

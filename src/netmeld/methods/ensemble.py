@@ -91,7 +91,7 @@ def fit_mean(
 ) -> None:
     """Average the members' probabilities, aligned by label name."""
     ensemble = _ensemble(model, "mean", params.unknown)
-    ensemble.weights.data.copy_(_fixed_weights(model, params.weights))
+    ensemble.set_weights(_fixed_weights(model, params.weights))
     model.set_combiner(ensemble)
 
 
@@ -116,7 +116,7 @@ def fit_vote(
 ) -> None:
     """Majority vote of the members' top labels (ties: the probability mean decides)."""
     ensemble = _ensemble(model, "vote", "renormalize")
-    ensemble.weights.data.copy_(_fixed_weights(model, params.weights))
+    ensemble.set_weights(_fixed_weights(model, params.weights))
     model.set_combiner(ensemble)
 
 
@@ -172,7 +172,7 @@ def fit_weighted(
             return F.nll_loss(torch.log(p.clamp_min(1e-12)), targets)
 
         small_fit([raw], loss_fn, params.steps, optimizer="lbfgs")
-        ensemble.weights.data.copy_(raw.detach().softmax(0) * len(model.members))
+        ensemble.set_weights(raw.detach().softmax(0) * len(model.members))
         with torch.no_grad():
             loss = float(loss_fn())
         if best is None or loss < best[0]:

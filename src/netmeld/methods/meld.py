@@ -49,6 +49,13 @@ def meld(
     if not members:
         raise IncompatibleMembersError("meld needs at least one member")
     model = CombinedModel(members, input_shape=input_shape, feature_names=feature_names)
+    if len(members) > 1:
+        for name, why in model.untraced.items():
+            warnings.warn(
+                f"member {name!r}: torch.fx cannot trace it ({why}); it runs whole, so its "
+                "trunk is not shared with the other members",
+                stacklevel=2,
+            )
     extracted = None
     targets = None
     n_examples = 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from netmeld.errors import ModelFileError
+from netmeld.errors import DataError, ModelFileError
 from netmeld.members.graph import Group
 from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.model.combined import (
@@ -118,3 +119,20 @@ def load(path: str | Path) -> CombinedModel:
             value.copy_(tensors[key])
     model.method = dict(config.get("method", {}))
     return model.eval()
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+def export(
+    model: CombinedModel, path: str | Path, *, format: str = "onnx", **options: Any
+) -> float | None:
+    """Write ``model`` in a standard format anyone can open without netmeld (``netmeld
+    export``). ``onnx``: opset 17, dynamic batch, checked against PyTorch with onnxruntime;
+    ``options`` are :func:`netmeld.members.bridges.export_onnx`'s (``opset``, ``overwrite``,
+    ``check``, ``atol``). Returns the largest difference found by the check."""
+    if format not in EXPORT_FORMATS:
+        raise DataError(f"export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    from netmeld.members.bridges import export_onnx
+
+    return export_onnx(model, path, **options)

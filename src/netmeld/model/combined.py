@@ -265,6 +265,8 @@ class CombinedModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.group_of: dict[str, int] = {}
         self.head_names: dict[str, str] = {}
+        # members that torch.fx cannot trace -> why; they run whole and share no trunk
+        self.untraced = {t.member.name: t.failure for t in traced if t.failure is not None}
         listed = [name for g in self.plan for name in g.members]
         if sorted(listed) != sorted(by_name):
             raise ModelFileError(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.errors import ModelFileError
+from netmeld.errors import MethodError, ModelFileError
 
 if TYPE_CHECKING:
     from netmeld.model.combined import MemberOutputs
@@ -86,6 +86,18 @@ class Ensemble(Combiner):
         self.register_buffer("place", torch.tensor(place, dtype=torch.long), persistent=False)
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long), persistent=False)
         self.weights = nn.Parameter(torch.ones(len(member_labels)), requires_grad=False)
+
+    @torch.no_grad()
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Set the fitted member weights (one finite, non-negative value per member)."""
+        if weights.shape != self.weights.shape:
+            raise MethodError(
+                f"ensemble weights: got shape {tuple(weights.shape)}, "
+                f"expected {tuple(self.weights.shape)} (one per member)"
+            )
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise MethodError("ensemble weights must be finite and non-negative")
+        self.weights.copy_(weights)
 
     def mean_probs(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean of member probabilities ``(N, sum K_m)`` over the union ``(N, K)``."""

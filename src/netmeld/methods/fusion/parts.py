@@ -379,6 +379,10 @@ class MultiTaskNet(FusedNet):
 # -- rebuilding (the architecture of a saved fused model) ---------------------------------------
 
 
+# The fusion architectures, by the kind their network records: the one list of them.
+FUSION_KINDS: tuple[str, ...] = tuple(c.kind for c in (ParallelNet, HierarchicalNet, MultiTaskNet))
+
+
 def build(
     kind: str,
     input_shape: Sequence[int],
@@ -407,7 +411,7 @@ def build(
         dim = _flat(_out_shape(trunk, shape, "the trunk"))
         net = MultiTaskNet(trunk, dim, options["tasks"])
     else:
-        raise MemberError(f"fused network kind {kind!r}: expected parallel|hierarchical|multitask")
+        raise MemberError(f"fused network kind {kind!r}: expected one of {FUSION_KINDS}")
     return net
 
 

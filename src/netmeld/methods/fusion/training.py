@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld.data import load_data
-from netmeld.engine import TrainConfig, resolve_config, tensor_batches, train
+from netmeld.engine import TrainConfig, resolve_config, tensor_batches
+from netmeld.engine import train as run_epochs
 from netmeld.errors import LabelError, MemberError
 from netmeld.members.member import Member
-from netmeld.methods.fusion.parts import TASK_SEPARATOR, FusedNet, MultiTaskNet
+from netmeld.methods.fusion.parts import FUSION_KINDS, TASK_SEPARATOR, FusedNet, MultiTaskNet
 from netmeld.model.combined import CombinedModel
 
 # -- training ---------------------------------------------------------------------------------
@@ -143,13 +144,18 @@ class _TaskLoss(nn.Module):
         return total + (g - target).abs().sum()
 
 
-def fit(
+# How a fused model trains unless told otherwise: ``netmeld.train`` and ``netmeld train``
+# recipes both read these.
+SCHEDULE = TrainConfig(epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4)
+
+
+def train(
     model: CombinedModel,
     data: Any,
     *,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    epochs: int = SCHEDULE.epochs,
+    batch_size: int = SCHEDULE.batch_size,
+    lr: float = SCHEDULE.lr,
     config: TrainConfig | None = None,
     device: str | None = None,
     seed: int = 0,
@@ -162,10 +168,10 @@ def fit(
     own share of the batch, so a run matches one process only where the tasks are spread
     evenly)."""
     kind = model.method.get("name")
-    if kind not in ("parallel", "hierarchical", "multitask") or len(model.members) != 1:
+    if kind not in FUSION_KINDS or len(model.members) != 1:
         raise MemberError(
-            f"fit trains the models of parallel(), hierarchical() and multitask(); this one's "
-            f"method is {kind!r}"
+            f"train trains the models of {', '.join(f'{k}()' for k in FUSION_KINDS)}; this "
+            f"one's method is {kind!r}"
         )
     member = model.members[0]
     net = copy.deepcopy(member.module)
@@ -202,7 +208,7 @@ def fit(
             return F.cross_entropy(m(batch[0]), batch[1])
 
     frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
-    result = train(
+    result = run_epochs(
         trained,
         step,
         len(loaded.inputs),
