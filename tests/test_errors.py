@@ -172,3 +172,13 @@ def test_empty_label_folder(digits2, tmp_path):
     (tmp_path / "3").mkdir()
     with pytest.raises(netmeld.DataError, match="has no images"):
         netmeld.meld(digits2.members, "calibrate", tmp_path)
+
+
+def test_the_demo_without_scikit_learn_says_which_extra_to_install(monkeypatch):
+    import sys
+
+    from netmeld.demo.scenarios import load_digits_images
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if it were not installed
+    with pytest.raises(netmeld.NetmeldError, match=r"pip install 'netmeld\[demo\]'"):
+        load_digits_images()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,14 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld.engine import small_fit
+from netmeld.errors import NetmeldError
 from netmeld.members.member import Architecture, Member, Preprocessing
+
+
+def _sklearn_datasets() -> Any:
+    """scikit-learn's bundled data sets: the demo's data, an optional extra of netmeld's."""
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise NetmeldError(
+            "the demo and its scenarios use scikit-learn's bundled data sets; install them "
+            "with: pip install 'netmeld[demo]'"
+        ) from exc
+    return datasets
 
 
 def load_digits_images() -> tuple[torch.Tensor, np.ndarray]:
     """sklearn's digits as ``(N, 1, 8, 8)`` floats in ``[0, 1]`` and integer targets."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = _sklearn_datasets().load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return x, digits.target.astype(np.int64)
 
@@ -270,10 +282,9 @@ def table_scenario(
     """An sklearn table split by columns: member ``i`` reads every ``parts``-th column from
     ``i`` and is trained on the training rows; the oracle reads all columns and is trained on
     the training and holdout rows (all the labeled data)."""
-    from sklearn import datasets
-
     from netmeld.zoo import MLP
 
+    datasets = _sklearn_datasets()
     loaders = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine}
     if dataset not in loaders:
         raise ValueError(f"dataset {dataset!r}: expected one of {sorted(loaders)}")
