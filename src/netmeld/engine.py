@@ -68,11 +68,19 @@ class TrainConfig:
 
 
 def resolve_config(
-    config: TrainConfig | None, *, epochs: int, batch_size: int, lr: float, seed: int
+    config: TrainConfig | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    defaults: TrainConfig | None = None,
 ) -> TrainConfig:
-    """``config`` with ``seed`` (the caller's seed wins), or one made from the keywords."""
+    """``config`` with ``seed`` (the caller's seed wins), or ``defaults`` (a trainer's default
+    schedule) with the keywords."""
     if config is None:
-        return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        base = defaults or TrainConfig()
+        return replace(base, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     return config if config.seed == seed else replace(config, seed=seed)
 
 

@@ -199,6 +199,11 @@ class _Hinted(nn.Module):
         return logits, self.project(self._features[-1].flatten(1))
 
 
+# How a student trains unless told otherwise: ``netmeld.distill`` and ``netmeld distill``
+# recipes both read these.
+SCHEDULE = TrainConfig(epochs=50, batch_size=64, lr=3e-3, weight_decay=1e-4)
+
+
 def distill(
     teacher: CombinedModel | Sequence[Member],
     data: Any = None,
@@ -209,9 +214,9 @@ def distill(
     union_params: dict[str, Any] | None = None,
     temperature: float = 4.0,
     hint_weight: float = 0.0,
-    epochs: int = 50,
-    batch_size: int = 64,
-    lr: float = 3e-3,
+    epochs: int = SCHEDULE.epochs,
+    batch_size: int = SCHEDULE.batch_size,
+    lr: float = SCHEDULE.lr,
     config: TrainConfig | None = None,
     data_free: int | None = None,
     synthesis: dict[str, Any] | None = None,
@@ -291,7 +296,9 @@ def distill(
         raise MemberError(
             f"the student outputs {out.shape[-1]} logits, the teacher has {len(labels)} labels"
         )
-    cfg = resolve_config(config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = resolve_config(
+        config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
+    )
     t = temperature
     module = member.module
     for p in module.parameters():

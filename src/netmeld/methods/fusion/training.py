@@ -179,7 +179,9 @@ def train(
     net.refreeze()
     loaded = load_data(data, model.input_shape, require_labels=True, what="training data")
     assert loaded.labels is not None
-    cfg = resolve_config(config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = resolve_config(
+        config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
+    )
     params = dict(model.method.get("params", {}))
     trained: nn.Module
     if kind == "multitask":
