@@ -18,9 +18,11 @@ from netmeld.errors import (
     ModelFileError,
     NetmeldError,
     RecipeError,
+    UntrustedCodeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
 from netmeld.members.member import Architecture, Member, Preprocessing
+from netmeld.members.trust import trust_builder
 from netmeld.methods import fusion, get_method, list_methods, register_method
 from netmeld.methods.distill import distill
 from netmeld.methods.extend import extend
@@ -55,6 +57,7 @@ __all__ = [
     "Preprocessing",
     "RecipeError",
     "Report",
+    "UntrustedCodeError",
     "__version__",
     "compare",
     "distill",
@@ -71,5 +74,6 @@ __all__ = [
     "merge_members",
     "register_method",
     "train",
+    "trust_builder",
     "zip_members",
 ]

@@ -44,6 +44,10 @@ class RecipeError(NetmeldError, ValueError):
     """A YAML recipe is malformed."""
 
 
+class UntrustedCodeError(NetmeldError, PermissionError):
+    """A saved folder or a recipe names a builder netmeld does not trust to run."""
+
+
 def validation_problems(exc: Exception) -> str:
     """A pydantic ``ValidationError`` as one line: ``field.path: message; ...``."""
     errors = exc.errors()  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from netmeld.errors import CheckpointError, MemberError
+from netmeld.members.trust import check_builder
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -151,6 +152,7 @@ class Architecture:
         ``num_classes`` parameter, unless ``kwargs`` sets it.
         """
         source, name = self.spec.split(":", 1)
+        check_builder(self.spec)  # before anything is imported
         kwargs = dict(self.kwargs)
         builder: Callable[..., Any]
         if source == "torchvision":

@@ -17,6 +17,7 @@ import torch
 from netmeld.errors import DataError, ModelFileError
 from netmeld.members.graph import Group
 from netmeld.members.member import Architecture, Member, Preprocessing
+from netmeld.members.trust import reading_files
 from netmeld.model.combined import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -40,11 +41,20 @@ def current_spec(spec: str) -> str:
     return BUILDER_ALIASES.get(spec, spec)
 
 
-def load(path: str | Path) -> CombinedModel:
-    """Rebuild a combined model saved with :meth:`CombinedModel.save` (no pickle involved)."""
+def load(path: str | Path, *, trust_code: bool = False) -> CombinedModel:
+    """Rebuild a combined model saved with :meth:`CombinedModel.save` (no pickle involved).
+
+    Only trusted architecture builders run (torchvision, timm, netmeld's own, those registered
+    with :func:`netmeld.trust_builder`); a folder naming any other callable is refused unless
+    ``trust_code=True`` (see :mod:`netmeld.members.trust`).
+    """
+    with reading_files(f"model folder {str(path)!r}", trust_code=trust_code):
+        return _load(Path(path))
+
+
+def _load(path: Path) -> CombinedModel:
     from safetensors.torch import load_file
 
-    path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ModelFileError(f"{str(path)!r} is not a netmeld model folder (no {CONFIG_FILE})")

@@ -1,0 +1,89 @@
+"""Loading a folder runs no code it names unless the user trusts it (issue 13, item 1)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import netmeld
+from netmeld.members import trust
+
+HOSTILE = [
+    ("os:system", {"command": "touch {marker}"}),
+    ("subprocess:run", {"args": ["touch", "{marker}"]}),
+    ("runpy:run_path", {"path_name": "{marker}"}),
+    ("torch:load", {"f": "{marker}", "weights_only": False}),
+    ("builtins:exec", {}),
+]
+
+
+def _saved(digits2, tmp_path: Path) -> Path:
+    folder = tmp_path / "m"
+    netmeld.meld(digits2.members, "concat").save(folder)
+    return folder
+
+
+def _tamper(folder: Path, spec: str, kwargs: dict) -> None:
+    config = json.loads((folder / "netmeld.json").read_text())
+    config["members"][0]["architecture"] = {"spec": spec, "kwargs": kwargs}
+    (folder / "netmeld.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("spec", "kwargs"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_tampered_folder_naming_any_callable_is_refused_and_runs_nothing(
+    digits2, tmp_path, spec, kwargs
+):
+    folder = _saved(digits2, tmp_path)
+    marker = tmp_path / "ran"
+    _tamper(folder, spec, json.loads(json.dumps(kwargs).replace("{marker}", str(marker))))
+    with pytest.raises(netmeld.UntrustedCodeError, match=rf"'{spec}'.*trust_code=True"):
+        netmeld.load(folder)
+    assert not marker.exists()
+
+
+def test_the_module_a_refused_builder_names_is_never_imported(digits2, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_netmeld_probe.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef build(**kw):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = _saved(digits2, tmp_path)
+    _tamper(folder, "evil_netmeld_probe:build", {})
+    with pytest.raises(netmeld.UntrustedCodeError):
+        netmeld.load(folder)
+    assert not marker.exists() and "evil_netmeld_probe" not in sys.modules
+
+
+def test_a_user_builder_loads_with_trust_code_or_once_registered(digits2, tmp_path, monkeypatch):
+    (tmp_path / "my_netmeld_arch.py").write_text(
+        "from netmeld.zoo import small_cnn\n"
+        "def build(num_classes, **kw):\n    return small_cnn(num_classes=num_classes, **kw)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = _saved(digits2, tmp_path)
+    config = json.loads((folder / "netmeld.json").read_text())
+    kwargs = config["members"][0]["architecture"]["kwargs"]
+    _tamper(folder, "my_netmeld_arch:build", kwargs)
+    x = digits2.test[0][:8]
+    with torch.no_grad():
+        expected = netmeld.meld(digits2.members, "concat")(x)
+        torch.testing.assert_close(netmeld.load(folder, trust_code=True)(x), expected)
+        with pytest.raises(netmeld.UntrustedCodeError):
+            netmeld.load(folder)
+        monkeypatch.setattr(trust, "_registered", set())
+        netmeld.trust_builder("my_netmeld_arch:build")
+        torch.testing.assert_close(netmeld.load(folder)(x), expected)
+
+
+def test_python_code_builds_what_it_names_and_torchvision_names_are_trusted():
+    # the user's own call is their choice; nothing is refused outside a file being read
+    module = netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 4}).build(num_classes=2)
+    assert isinstance(module, torch.nn.Module)
+    assert trust.is_trusted("torchvision:resnet18") and trust.is_trusted("netmeld.zoo:mlp")
+    assert not trust.is_trusted("os:system") and not trust.is_trusted("netmeld.zoo:torch")
+    with pytest.raises(netmeld.UntrustedCodeError, match=r"expected 'package\.module:callable'"):
+        netmeld.trust_builder("nonsense")
