@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from netmeld.cli import main
 from netmeld.errors import IncompatibleMembersError, RecipeError
-from netmeld.io.checkpoint_merge import merge_checkpoints, merge_state_dicts, read_merge_recipe
+from netmeld.io.checkpoint_merge import merge_state_dicts, merge_weights, read_merge_recipe
 from netmeld.io.shards import CheckpointReader, ShardedWriter
 from netmeld.ops.merge import KERNELS
 
@@ -103,7 +103,7 @@ def test_streaming_merge_equals_in_memory_merge(checkpoints, method):
         parameters=GLOBAL.get(method, {}),
         base_model="base.safetensors" if KERNELS[method].needs_base else None,
     )
-    out = merge_checkpoints(recipe, tmp_path / "out")
+    out = merge_weights(recipe, tmp_path / "out")
     streamed = {k: CheckpointReader(out).get(k) for k in CheckpointReader(out)}
     expected = merge_state_dicts(
         method,
@@ -138,7 +138,7 @@ def test_per_tensor_filters_and_dtype(checkpoints):
         parameters={},
         out_dtype="bfloat16",
     )
-    out = merge_checkpoints(recipe, tmp_path / "out")
+    out = merge_weights(recipe, tmp_path / "out")
     merged: dict[str, torch.Tensor] = {}
     for shard in out.glob("*.safetensors"):
         merged |= load_file(str(shard))
@@ -170,7 +170,7 @@ def test_mismatched_checkpoints_name_tensor_and_shapes(checkpoints):
         match=r"tensor 'mlp.up.weight' has shape \(32, 16\) in 'base.safetensors' and "
         r"\(33, 16\) in 'b'",
     ):
-        merge_checkpoints(_recipe(tmp_path), tmp_path / "out")
+        merge_weights(_recipe(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(IncompatibleMembersError, match=r"'mlp.up.weight' has shape \(32, 16\)"):
         merge_state_dicts("linear", [base, bad])
@@ -204,7 +204,7 @@ def test_a_crash_mid_merge_leaves_nothing(checkpoints, monkeypatch):
 
     monkeypatch.setattr(mw, "merge_tensor", failing)
     with pytest.raises(RuntimeError, match="killed"):
-        merge_checkpoints(_recipe(tmp_path), tmp_path / "out")
+        merge_weights(_recipe(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
 
@@ -222,7 +222,7 @@ def test_mixed_dtypes_need_a_recipe_dtype(checkpoints):
         r"\(torch.float32 in '.*base.safetensors', torch.float32 in '.*a', "
         r"torch.float16 in '.*b'\); set 'dtype:'",
     ):
-        merge_checkpoints(_recipe(tmp_path), tmp_path / "out")
+        merge_weights(_recipe(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    out = merge_checkpoints(_recipe(tmp_path, dtype="float32"), tmp_path / "out")
+    out = merge_weights(_recipe(tmp_path, dtype="float32"), tmp_path / "out")
     assert CheckpointReader(out).get("embed.weight").dtype == torch.float32

@@ -7,6 +7,7 @@
 
 from netmeld import _deprecated
 from netmeld._version import __version__
+from netmeld.cli.inspection import inspect
 from netmeld.data import Data, load_data
 from netmeld.errors import (
     CheckpointError,
@@ -21,6 +22,7 @@ from netmeld.errors import (
     UntrustedCodeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
+from netmeld.io.checkpoint_merge import merge_weights
 from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.members.trust import trust_builder
 from netmeld.methods import fusion, get_method, list_methods, register_method
@@ -67,11 +69,13 @@ __all__ = [
     "extract",
     "fusion",
     "get_method",
+    "inspect",
     "list_methods",
     "load",
     "load_data",
     "meld",
     "merge_members",
+    "merge_weights",
     "register_method",
     "train",
     "trust_builder",

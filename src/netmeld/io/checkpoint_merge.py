@@ -25,6 +25,7 @@ memory holds a few tensors whatever the model's size; the same kernel code runs 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,26 +183,53 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
+@dataclass(frozen=True)
+class TensorDiff:
+    """How tensors ``got`` differ from the ``expected`` ones (both ``{name: shape}``): the
+    one check behind :func:`check_same_tensors` and :func:`netmeld.members.load_into`, each
+    wording its own error."""
+
+    unmatched: list[str]  # expected tensors missing from got or of another shape, in order
+    missing: list[str]  # expected tensors not in got, in expected's order
+    reshaped: list[str]  # tensors of both with other shapes, in expected's order
+    extra: list[str]  # tensors of got not expected, in got's order
+
+
+def diff_tensors(
+    expected: Mapping[str, Sequence[int]], got: Mapping[str, Sequence[int]]
+) -> TensorDiff:
+    """What :class:`TensorDiff` says of ``got`` against ``expected``."""
+    missing = [k for k in expected if k not in got]
+    reshaped = [k for k in expected if k in got and tuple(got[k]) != tuple(expected[k])]
+    odd = set(missing) | set(reshaped)
+    return TensorDiff(
+        unmatched=[k for k in expected if k in odd],
+        missing=missing,
+        reshaped=reshaped,
+        extra=[k for k in got if k not in expected],
+    )
+
+
 def check_same_tensors(sources: Sequence[tuple[str, Mapping[str, Sequence[int]]]]) -> list[str]:
     """The tensor names every source has, in the first's order. ``sources`` are ``(what,
     {name: shape})``; a tensor missing from one, or of another shape, is an error naming the
     tensor, both sources and both shapes (the first mismatch in the first source's order)."""
     (first_what, first), *rest = sources
     for what, shapes in rest:
-        for key, shape in first.items():
+        diff = diff_tensors(first, shapes)
+        if diff.unmatched:
+            key = diff.unmatched[0]
             if key not in shapes:
                 raise IncompatibleMembersError(
                     f"tensor {key!r} is in {first_what} but not in {what}"
                 )
-            if tuple(shapes[key]) != tuple(shape):
-                raise IncompatibleMembersError(
-                    f"tensor {key!r} has shape {tuple(shape)} in {first_what} and "
-                    f"{tuple(shapes[key])} in {what}"
-                )
-        extra = [k for k in shapes if k not in first]
-        if extra:
             raise IncompatibleMembersError(
-                f"tensor {extra[0]!r} is in {what} but not in {first_what}"
+                f"tensor {key!r} has shape {tuple(first[key])} in {first_what} and "
+                f"{tuple(shapes[key])} in {what}"
+            )
+        if diff.extra:
+            raise IncompatibleMembersError(
+                f"tensor {diff.extra[0]!r} is in {what} but not in {first_what}"
             )
     return list(first)
 
@@ -211,7 +239,7 @@ def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def merge_checkpoints(
+def merge_weights(
     recipe: MergeRecipe | str | Path,
     out: str | Path,
     *,
@@ -219,7 +247,8 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Merge the recipe's checkpoints into ``out`` tensor by tensor (see the module doc)."""
+    """Merge the recipe's checkpoints into ``out`` tensor by tensor (see the module doc); the
+    Python side of ``netmeld merge-weights``. Returns the folder written."""
     if not isinstance(recipe, MergeRecipe):
         recipe, base_dir = read_merge_recipe(recipe)
     root = Path(base_dir or ".")
@@ -314,3 +343,17 @@ def merge_state_dicts(
             extra=None if extra is None else extra.get(key),
         )
     return out
+
+
+def __getattr__(name: str) -> Any:
+    if name == "merge_checkpoints":  # 0.1.0's name; the CLI verb is ``merge-weights``
+        import warnings
+
+        warnings.warn(
+            "merge_checkpoints is now netmeld.merge_weights (the CLI's verb: netmeld "
+            "merge-weights); the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return merge_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from netmeld.errors import CheckpointError, MemberError
+from netmeld.io.checkpoint_merge import diff_tensors
 from netmeld.members.trust import check_builder
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -261,25 +262,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Load ``tensors`` into ``module`` strictly, naming the first tensor that does not fit."""
     expected = module.state_dict()
-    for name in tensors:
-        if name not in expected:
-            raise CheckpointError(
-                f"{what}: tensor {name!r} is not in the architecture "
-                f"(it has {len(expected)} tensors, e.g. {sorted(expected)[:3]})"
-            )
-    for name, want in expected.items():  # in the architecture's order
-        if name not in tensors:
-            continue
-        if tuple(tensors[name].shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                f"the architecture expects {tuple(want.shape)}"
-            )
-    missing = [name for name in expected if name not in tensors]
-    if missing:
+    diff = diff_tensors(
+        {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()}
+    )
+    if diff.extra:
         raise CheckpointError(
-            f"{what}: tensor {missing[0]!r} is missing from the checkpoint"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{what}: tensor {diff.extra[0]!r} is not in the architecture "
+            f"(it has {len(expected)} tensors, e.g. {sorted(expected)[:3]})"
+        )
+    if diff.reshaped:
+        name = diff.reshaped[0]
+        raise CheckpointError(
+            f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+            f"the architecture expects {tuple(expected[name].shape)}"
+        )
+    if diff.missing:
+        raise CheckpointError(
+            f"{what}: tensor {diff.missing[0]!r} is missing from the checkpoint"
+            + (f" (and {len(diff.missing) - 1} more)" if len(diff.missing) > 1 else "")
         )
     module.load_state_dict(dict(tensors), strict=True)
 

@@ -173,6 +173,8 @@ class FusedNet(nn.Module):
     """Base of the fused networks: a JSON ``spec`` that rebuilds it, and frozen parts."""
 
     kind = "fused"
+    summary = ""  # what it combines, for ``netmeld methods``
+    options: tuple[str, ...] = ()  # its builder's options, for ``netmeld methods``
 
     def __init__(self) -> None:
         super().__init__()
@@ -230,6 +232,8 @@ class ParallelNet(FusedNet):
     """Branches side by side; their features fused and classified by one ``head``."""
 
     kind = "parallel"
+    summary = "branches side by side (same input or their own channels/columns), one head"
+    options = (f"fuse={'|'.join(FUSIONS)}", "dim", "inputs", "freeze")
 
     def __init__(
         self,
@@ -337,6 +341,8 @@ class HierarchicalNet(FusedNet):
     """``first``'s features, adapted, are the input of ``second`` (whose head classifies)."""
 
     kind = "hierarchical"
+    summary = "one network's features feed another; adapters where shapes differ"
+    options = ("cut", "second_input_shape", "adapt=auto|none", "freeze")
 
     def __init__(self, first: nn.Module, adapt: nn.Module, second: nn.Module) -> None:
         super().__init__()
@@ -359,6 +365,13 @@ class MultiTaskNet(FusedNet):
     ``nn.Linear`` (rows are independent, so the heads are separate), task by task."""
 
     kind = "multitask"
+    summary = "a shared trunk, one head per task (labels 'task/label')"
+    options = (
+        f"weighting={'|'.join(WEIGHTINGS)} (Kendall 2018; Chen 2018)",
+        "loss_weights",
+        "alpha",
+        "freeze",
+    )
 
     def __init__(self, trunk: nn.Module, dim: int, tasks: Mapping[str, int]) -> None:
         super().__init__()
@@ -380,7 +393,10 @@ class MultiTaskNet(FusedNet):
 
 
 # The fusion architectures, by the kind their network records: the one list of them.
-FUSION_KINDS: tuple[str, ...] = tuple(c.kind for c in (ParallelNet, HierarchicalNet, MultiTaskNet))
+FUSION_NETS: dict[str, type[FusedNet]] = {
+    c.kind: c for c in (ParallelNet, HierarchicalNet, MultiTaskNet)
+}
+FUSION_KINDS: tuple[str, ...] = tuple(FUSION_NETS)
 
 
 def build(

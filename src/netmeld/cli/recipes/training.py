@@ -1,265 +1,30 @@
-"""YAML recipes for ``netmeld meld``: members, a method, its parameters and data.
-
-.. code-block:: yaml
-
-    members:
-      - name: pets
-        checkpoint: pets.safetensors          # or .pt/.pth (read with weights_only=True)
-        architecture: torchvision:resnet18    # timm:NAME, or package.module:callable
-        labels: [cat, dog]                    # or a file: one label per line
-        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
-                        std: [0.229, 0.224, 0.225]}
-      - name: people
-        checkpoint: people.safetensors
-        architecture: torchvision:resnet18
-        labels: [man, woman]
-        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
-                        std: [0.229, 0.224, 0.225]}
-    method: infomax
-    params: {steps: 300}
-    data: unlabeled_images/                   # a folder; paths are relative to the recipe
-
-The recipe is checked whole when it is read (method name, parameters, whether the method
-needs data), before any checkpoint is loaded.
-"""
+"""YAML recipes for ``netmeld distill`` (teachers, union, student, data, schedule) and
+``netmeld train`` (a fusion architecture, its parts, labeled data, schedule). A schedule's
+defaults are the trainer's own, so a recipe without ``schedule:`` trains as the Python call
+does."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, cast
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from netmeld.errors import MethodError, RecipeError, validation_problems
+from netmeld.cli.recipes.meld import (
+    MemberSpec,
+    PreprocessingSpec,
+    Recipe,
+    load_member,
+    read_yaml,
+    recipe_members,
+    resolve_path,
+)
+from netmeld.errors import MethodError, RecipeError
 from netmeld.members.member import Member, Preprocessing
 from netmeld.methods import get_method
-
-
-class PreprocessingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input_shape: tuple[int, ...]
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    columns: tuple[int | str, ...] | None = None
-
-
-_BRIDGED = (".keras", ".h5", ".hdf5", ".onnx")
-
-
-class MemberSpec(BaseModel):
-    """One member: a checkpoint, the architecture that reads it, its labels, its input.
-
-    A Keras (``.keras``, ``.h5``) or ONNX (``.onnx``) file needs no architecture (and its input
-    shape comes from the file unless ``preprocessing`` is given); ``output`` picks one output of
-    a multi-output Keras model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str | None = None
-    checkpoint: str
-    architecture: str | None = None
-    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
-    labels: list[str] | str
-    preprocessing: PreprocessingSpec | None = None
-    head: str | None = None
-    output: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> MemberSpec:
-        bridged = self.checkpoint.lower().endswith(_BRIDGED)
-        if not bridged and (self.architecture is None or self.preprocessing is None):
-            raise ValueError(
-                f"member {self.checkpoint!r}: a checkpoint needs 'architecture' and "
-                "'preprocessing' (Keras and ONNX files carry them)"
-            )
-        if self.output is not None and not self.checkpoint.lower().endswith(_BRIDGED[:3]):
-            raise ValueError(f"member {self.checkpoint!r}: 'output' is for Keras models")
-        return self
-
-
-class MergeSpec(BaseModel):
-    """Merge the members' bodies in weight space before the union method combines their heads
-    (:func:`netmeld.merge_members`; ``method: zipit`` is :func:`netmeld.zip_members`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: str
-    base: str | None = None  # checkpoint of the common base (task-vector kernels)
-    weights: list[float] | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    align: Literal["auto", "weight", "activation", "none"] = "auto"
-    layers: int | None = None  # zipit: zip the first n weighted layers only
-    alpha: float = 0.5  # zipit: share of within-model pairs
-
-    @model_validator(mode="after")
-    def _check(self) -> MergeSpec:
-        from netmeld.ops.merge import check_params, get_kernel
-
-        if self.method == "zipit":
-            if self.params or self.base or self.weights:
-                raise ValueError(
-                    "merge method 'zipit' takes layers and alpha, not params, base or weights"
-                )
-            return self
-        try:
-            kernel = get_kernel(self.method)
-        except MethodError as exc:
-            raise ValueError(f"{exc}, or zipit") from exc
-        check_params(self.method, self.params)
-        if kernel.needs_base and self.base is None:
-            raise ValueError(f"merge method {self.method!r} needs base: a checkpoint")
-        return self
-
-
-class Recipe(BaseModel):
-    """A whole ``netmeld meld`` recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    members: list[MemberSpec] = Field(min_length=1)
-    method: str = "concat"
-    params: dict[str, Any] = Field(default_factory=dict)
-    data: str | None = None
-    input_shape: tuple[int, ...] | None = None
-    feature_names: list[str] | None = None
-    seed: int = 0
-    merge: MergeSpec | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        info = get_method(self.method)
-        info.validate_params(self.params)
-        if self.merge is not None and self.data is None:
-            needs = self.merge.method in ("zipit", "fisher", "regmean") or (
-                self.merge.align == "activation"
-            )
-            if needs:
-                raise MethodError(
-                    f"merge {self.merge.method!r} (align {self.merge.align!r}) needs data: add "
-                    "'data: FOLDER' to the recipe"
-                )
-        if info.data != "none" and self.data is None:
-            raise MethodError(
-                f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
-            )
-        names = [m.name or Path(m.checkpoint).stem for m in self.members]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"two members are named {name!r}; member names must be unique")
-        return self
-
-
-_Spec = TypeVar("_Spec", bound=BaseModel)
-
-
-def _read_yaml(path: str | Path, spec: type[_Spec], expected: str) -> tuple[_Spec, Path]:
-    """Parse and validate a YAML recipe as ``spec``; returns it and the folder its paths are
-    relative to. Every problem is a :class:`RecipeError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with {expected}")
-    try:
-        return spec.model_validate(raw), path.parent
-    except MethodError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
-    except ValidationError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
-
-
-def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
-    """Parse and validate a recipe file; returns it and the folder its paths are relative to."""
-    return _read_yaml(path, Recipe, "'members' and 'method'")
-
-
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def load_member(spec: MemberSpec, base: Path) -> Member:
-    """Load one member of a recipe: a checkpoint, a Keras file or an ONNX file."""
-    labels: Any = spec.labels
-    if isinstance(labels, str):
-        labels = _resolve(base, labels)
-    path = _resolve(base, spec.checkpoint)
-    pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
-    suffix = path.suffix.lower()
-    if suffix in (".keras", ".h5", ".hdf5"):
-        return Member.from_keras(
-            path, labels, name=spec.name, output=spec.output, preprocessing=pre
-        )
-    if suffix == ".onnx":
-        return Member.from_onnx(path, labels, name=spec.name, preprocessing=pre)
-    assert spec.architecture is not None and pre is not None
-    return Member.from_checkpoint(
-        path,
-        spec.architecture,
-        labels,
-        name=spec.name,
-        preprocessing=pre,
-        architecture_kwargs=spec.architecture_kwargs,
-        head=spec.head,
-    )
-
-
-def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
-    """Load the recipe's members from their checkpoints."""
-    return [load_member(spec, base) for spec in recipe.members]
-
-
-def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
-    """Read a recipe, load its members and data, and return the combined model."""
-    from netmeld.methods.meld import meld
-
-    recipe, base = read_recipe(path)
-    members = recipe_members(recipe, base)
-    data = None if recipe.data is None else _resolve(base, recipe.data)
-    if recipe.merge is not None:
-        from netmeld.methods.merge import merge_members, zip_members
-
-        spec = recipe.merge
-        if spec.method == "zipit":
-            return zip_members(
-                members,
-                data,
-                layers=spec.layers,
-                alpha=spec.alpha,
-                union=recipe.method,
-                union_params=recipe.params,
-                seed=recipe.seed,
-                progress=progress,
-            )
-        return merge_members(
-            members,
-            spec.method,
-            base=None if spec.base is None else _resolve(base, spec.base),
-            weights=spec.weights,
-            params=spec.params,
-            data=data,
-            align=spec.align,
-            union=recipe.method,
-            union_params=recipe.params,
-            seed=recipe.seed,
-            progress=progress,
-        )
-    return meld(
-        members,
-        recipe.method,
-        data,
-        params=recipe.params,
-        input_shape=recipe.input_shape,
-        feature_names=recipe.feature_names,
-        seed=recipe.seed,
-        progress=progress,
-    )
+from netmeld.methods.distill import SCHEDULE as DISTILL_SCHEDULE
+from netmeld.methods.fusion.parts import FUSION_KINDS, FUSIONS, WEIGHTINGS
+from netmeld.methods.fusion.training import SCHEDULE as TRAIN_SCHEDULE
 
 
 class StudentSpec(BaseModel):
@@ -273,12 +38,16 @@ class StudentSpec(BaseModel):
 
 
 class ScheduleSpec(BaseModel):
+    """A recipe's ``schedule:``; its defaults are the trainer's own (:data:`TRAIN_SCHEDULE`
+    for ``netmeld train``, :data:`DISTILL_SCHEDULE` for ``netmeld distill``), so a recipe and
+    the Python call train the same way by default."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
     warmup_steps: int = 0
 
     def config(self, seed: int, checkpoint_dir: str | None, resume: bool) -> Any:
@@ -295,6 +64,24 @@ class ScheduleSpec(BaseModel):
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
+
+
+class DistillSchedule(ScheduleSpec):
+    """``netmeld distill``'s schedule, defaulting to :data:`netmeld.methods.distill.SCHEDULE`."""
+
+    epochs: int = DISTILL_SCHEDULE.epochs
+    batch_size: int = DISTILL_SCHEDULE.batch_size
+    lr: float = DISTILL_SCHEDULE.lr
+    weight_decay: float = DISTILL_SCHEDULE.weight_decay
+
+
+class TrainSchedule(ScheduleSpec):
+    """``netmeld train``'s schedule, defaulting to the fusion trainer's (``netmeld.train``)."""
+
+    epochs: int = TRAIN_SCHEDULE.epochs
+    batch_size: int = TRAIN_SCHEDULE.batch_size
+    lr: float = TRAIN_SCHEDULE.lr
+    weight_decay: float = TRAIN_SCHEDULE.weight_decay
 
 
 class DistillRecipe(BaseModel):
@@ -314,7 +101,7 @@ class DistillRecipe(BaseModel):
     data_free: int | None = None
     synthesis: dict[str, Any] = Field(default_factory=dict)
     temperature: float = 4.0
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    schedule: DistillSchedule = Field(default_factory=DistillSchedule)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -348,7 +135,7 @@ class DistillRecipe(BaseModel):
 
 def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
     """Parse and validate a distillation recipe (paths relative to its folder)."""
-    return _read_yaml(path, DistillRecipe, "'teachers' (or 'teacher') and 'data'")
+    return read_yaml(path, DistillRecipe, "'teachers' (or 'teacher') and 'data'")
 
 
 def run_distill_recipe(
@@ -364,9 +151,9 @@ def run_distill_recipe(
     from netmeld.model.artifact import load
 
     recipe, base = read_distill_recipe(path)
-    data = None if recipe.data is None else _resolve(base, recipe.data)
+    data = None if recipe.data is None else resolve_path(base, recipe.data)
     if recipe.teacher is not None:
-        teacher = load(_resolve(base, recipe.teacher))
+        teacher = load(resolve_path(base, recipe.teacher))
     else:
         assert recipe.teachers is not None
         as_meld = Recipe(
@@ -381,7 +168,7 @@ def run_distill_recipe(
         teacher = meld(
             members,
             recipe.union,
-            None if info.data == "none" or union_data is None else _resolve(base, union_data),
+            None if info.data == "none" or union_data is None else resolve_path(base, union_data),
             params=recipe.union_params,
             seed=recipe.seed,
             progress=progress,
@@ -449,30 +236,33 @@ class TrainRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    build: Literal["parallel", "hierarchical", "multitask"]
+    build: str  # one of FUSION_KINDS
     branches: list[PartSpec] | None = None
     first: PartSpec | None = None
     second: PartSpec | None = None
     trunk: PartSpec | None = None
     labels: list[str] | str | None = None
-    fuse: Literal["concat", "sum", "attention", "gating"] = "concat"
+    fuse: str = FUSIONS[0]  # one of FUSIONS
     dim: int | None = None
     inputs: dict[str, list[int]] | None = None
     cut: str | None = None
     second_input_shape: tuple[int, ...] | None = None
     adapt: Literal["auto", "none"] = "auto"
     tasks: dict[str, list[str]] | None = None
-    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    weighting: str = WEIGHTINGS[0]  # one of WEIGHTINGS
     loss_weights: dict[str, float] | None = None
     alpha: float = 1.5
     input_shape: tuple[int, ...] | None = None
     freeze: list[str] = Field(default_factory=list)
     data: str | dict[str, str]
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    schedule: TrainSchedule = Field(default_factory=TrainSchedule)
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> TrainRecipe:
+        for key, choices in (("build", FUSION_KINDS), ("fuse", FUSIONS), ("weighting", WEIGHTINGS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key} {getattr(self, key)!r}: expected one of {list(choices)}")
         needs = {
             "parallel": ("branches",),
             "hierarchical": ("first", "second"),
@@ -498,7 +288,7 @@ class TrainRecipe(BaseModel):
 
 def read_train_recipe(path: str | Path) -> tuple[TrainRecipe, Path]:
     """Parse and validate a ``netmeld train`` recipe (paths relative to its folder)."""
-    return _read_yaml(path, TrainRecipe, "'build', its parts and 'data'")
+    return read_yaml(path, TrainRecipe, "'build', its parts and 'data'")
 
 
 def _part(spec: PartSpec, base: Path) -> Any:
@@ -527,7 +317,7 @@ def run_train_recipe(
     if isinstance(labels, str):
         from netmeld.members.member import read_labels
 
-        labels = list(read_labels(_resolve(base, labels)))
+        labels = list(read_labels(resolve_path(base, labels)))
     if recipe.build == "parallel":
         assert recipe.branches is not None
         named = {}
@@ -540,7 +330,7 @@ def run_train_recipe(
         model = fusion.parallel(
             named,
             labels,
-            fuse=recipe.fuse,
+            fuse=cast(Any, recipe.fuse),
             dim=recipe.dim,
             inputs=recipe.inputs,
             input_shape=recipe.input_shape,
@@ -563,7 +353,7 @@ def run_train_recipe(
         model = fusion.multitask(
             _part(recipe.trunk, base),
             recipe.tasks,
-            weighting=recipe.weighting,
+            weighting=cast(Any, recipe.weighting),
             loss_weights=recipe.loss_weights,
             alpha=recipe.alpha,
             input_shape=recipe.input_shape,
@@ -574,7 +364,7 @@ def run_train_recipe(
         ys: list[str] = []
         for task, source in recipe.data.items():
             part_data = load_data(
-                _resolve(base, source), model.input_shape, require_labels=True, what=task
+                resolve_path(base, source), model.input_shape, require_labels=True, what=task
             )
             assert part_data.labels is not None
             xs.append(part_data.inputs)
@@ -583,6 +373,6 @@ def run_train_recipe(
 
         data: Any = Data(torch.cat(xs), ys, "tasks")
     else:
-        data = _resolve(base, recipe.data)
+        data = resolve_path(base, recipe.data)
     config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
     return fusion_train(model, data, config=config, seed=recipe.seed, progress=progress)

@@ -1,0 +1,310 @@
+"""What each ``netmeld`` subcommand does: one ``cmd_*`` function per verb, each a thin call of
+the Python API (parse, validate, call, print). The parser is in :mod:`netmeld.cli.parser`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from netmeld.errors import NetmeldError
+
+console = Console(width=120)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from netmeld.demo import run
+
+    run(args.out, seed=args.seed, console=console)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from netmeld.methods import method_infos
+
+    table = Table(title="registered methods", title_justify="left")
+    table.add_column("method")
+    table.add_column("data")
+    table.add_column("what it does")
+    table.add_column("parameters")
+    for info in method_infos():
+        params = ", ".join(f"{k}={v.default}" for k, v in info.params.model_fields.items()) or "-"
+        table.add_row(info.name, info.data, info.summary, params)
+    console.print(table)
+    from netmeld.ops.merge import KERNELS
+
+    kernels = Table(
+        title="weight-merging kernels (merge_members, merge-weights, recipe 'merge:')",
+        title_justify="left",
+    )
+    kernels.add_column("kernel")
+    kernels.add_column("needs")
+    kernels.add_column("reference")
+    kernels.add_column("parameters")
+    for k in KERNELS.values():
+        needs = "base" if k.needs_base else "inputs" if k.needs != "none" else "-"
+        params = ", ".join(f"{p.rstrip('_')}={v}" for p, v in k.defaults.items()) or "-"
+        kernels.add_row(k.name, needs, k.reference, params)
+    console.print(kernels)
+    fusions = Table(
+        title="fusion architectures (netmeld.fusion, netmeld train; need labeled data)",
+        title_justify="left",
+    )
+    fusions.add_column("build")
+    fusions.add_column("what it combines")
+    fusions.add_column("options")
+    from netmeld.methods.fusion.parts import FUSION_NETS
+
+    for kind, net in FUSION_NETS.items():
+        fusions.add_row(kind, net.summary, ", ".join(net.options))
+    console.print(fusions)
+    return 0
+
+
+def cmd_meld(args: argparse.Namespace) -> int:
+    from netmeld.cli.recipes import run_recipe
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = run_recipe(args.recipe)
+    model.save(out, overwrite=args.overwrite)
+    console.print(
+        f"saved {len(model.labels)} labels from {len(model.members)} members "
+        f"(method {model.method['name']!r}) to [bold]{out}[/bold]"
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[int]:
+    """Join the process group torchrun describes in the environment; yields this rank."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():  # launched by torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        yield torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
+    """Run a training recipe (``run``) in torchrun's process group; rank 0 saves the model and
+    prints ``what(model)``."""
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    with _process_group() as rank:
+        model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        if rank == 0:
+            model.save(out, overwrite=args.overwrite)
+            console.print(f"{what(model)} and saved it to [bold]{out}[/bold]")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from netmeld.cli.recipes import run_distill_recipe
+
+    return _train_and_save(
+        args,
+        run_distill_recipe,
+        lambda m: (
+            f"distilled a student over {len(m.labels)} labels ({m.num_parameters:,} parameters)"
+        ),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from netmeld.cli.recipes import run_train_recipe
+
+    def what(model: Any) -> str:
+        params = model.method["params"]
+        extra = ""
+        if params.get("adapters"):
+            extra = f"; adapters: {', '.join(params['adapters'])}"
+        if params.get("learned_weights"):
+            weights = ", ".join(f"{k} {v:.2f}" for k, v in params["learned_weights"].items())
+            extra = f"; task weights: {weights}"
+        return (
+            f"trained a {model.method['name']} model over {len(model.labels)} labels "
+            f"({model.num_parameters:,} parameters{extra})"
+        )
+
+    return _train_and_save(args, run_train_recipe, what)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from netmeld.members.bridges import export_onnx
+    from netmeld.model.artifact import load
+
+    model = load(args.model)
+    diff = export_onnx(model, args.onnx, opset=args.opset, overwrite=args.overwrite)
+    checked = (
+        f"; onnxruntime matches PyTorch within {diff:.1e}"
+        if diff is not None
+        else " (onnxruntime is not installed: not checked)"
+    )
+    console.print(
+        f"exported {args.model} ({len(model.labels)} labels, dynamic batch, opset {args.opset}) "
+        f"to [bold]{args.onnx}[/bold]{checked}"
+    )
+    return 0
+
+
+def cmd_merge_weights(args: argparse.Namespace) -> int:
+    from netmeld.io.checkpoint_merge import merge_weights, read_merge_recipe
+    from netmeld.io.shards import CheckpointReader
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise NetmeldError(f"{args.output!r} exists; pass --overwrite to replace it")
+    recipe, base = read_merge_recipe(args.recipe)
+    out = merge_weights(recipe, args.output, base_dir=base, overwrite=args.overwrite)
+    written = CheckpointReader(out)
+    console.print(
+        f"merged {len(recipe.models)} models with {recipe.merge_method!r}: "
+        f"{len(written)} tensors, {written.nbytes / 1e6:,.1f} MB in "
+        f"{len(list(out.glob('*.safetensors')))} shard(s) at [bold]{out}[/bold]"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from netmeld.data import load_data
+    from netmeld.evaluate import evaluate, render_table
+    from netmeld.model.artifact import load
+
+    models = {str(path): load(path) for path in args.models}
+    first = next(iter(models.values()))
+    data = load_data(
+        args.data,
+        first.input_shape,
+        require_labels=True,
+        what="--data",
+        feature_names=first.feature_names,
+    )
+    reports = [
+        evaluate(m, data, name=f"{name} ({m.method.get('name')})", batch_size=args.batch_size)
+        for name, m in models.items()
+    ]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        console.print(render_table(reports, title=f"{len(data)} examples from {args.data}"))
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from netmeld.methods.extend import extend
+    from netmeld.model.artifact import load
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    model = load(args.model)
+    extended = extend(
+        model,
+        args.examples,
+        unlabeled=args.unlabeled,
+        steps=args.steps,
+        lr=args.lr,
+        distill=args.distill,
+        max_false_positives=args.max_false_positives,
+        seed=args.seed,
+    )
+    extended.save(out, overwrite=args.overwrite)
+    added = extended.method["extended"][-1]
+    shots = ", ".join(f"{label} ({n})" for label, n in added["examples"].items())
+    console.print(
+        f"added {len(added['labels'])} labels from examples: {shots}; "
+        f"saved {len(extended.labels)} labels to [bold]{out}[/bold]",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from netmeld.data import image_files, read_image
+    from netmeld.model.artifact import load
+
+    model = load(args.model)
+    files: list[Path] = []
+    for f in args.files:
+        p = Path(f)
+        files.extend(image_files(p) if p.is_dir() else [p])
+    if not files:
+        raise NetmeldError("no image files given")
+    x = torch.stack([read_image(p, model.input_shape) for p in files])
+    probs = model.predict_proba(x)
+    top = min(args.top, len(model.labels))
+    rows = []
+    for path, p in zip(files, probs, strict=True):
+        values, idx = p.topk(top)
+        top_labels = [
+            (model.labels[i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)
+        ]
+        rows.append({"file": str(path), "predictions": top_labels})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        ranked = ", ".join(f"{label} {100 * v:.1f}%" for label, v in row["predictions"])
+        console.print(f"{row['file']}: {ranked}", highlight=False)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from netmeld.cli.inspection import inspect
+
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise NetmeldError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(arch_kwargs, dict):
+        raise NetmeldError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 16}'")
+    rows = inspect(args.items, architecture=args.arch, architecture_kwargs=arch_kwargs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"{len(rows)} members", title_justify="left")
+    for col in (
+        "member",
+        "labels",
+        "shares trunk with",
+        "trunk params",
+        "own params",
+        "head",
+        "diverges at",
+    ):
+        table.add_column(col, justify="right" if "params" in col else "left")
+    for r in rows:
+        labels = r["labels"]
+        table.add_row(
+            r["member"],
+            ", ".join(labels[:4]) + (f" (+{len(labels) - 4})" if len(labels) > 4 else ""),
+            ", ".join(r["shared_with"]) or "-",
+            f"{r['trunk_parameters']:,}",
+            f"{r['own_parameters']:,}",
+            f"{r['head']} ({r['head_parameters']:,})",
+            r["diverges_at"] or "-",
+        )
+    console.print(table)
+    return 0

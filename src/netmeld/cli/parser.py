@@ -1,0 +1,267 @@
+"""The ``netmeld`` argument parser: one function per subcommand, each documenting every option
+(``tests/test_cli.py`` checks that none is left without help)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import netmeld.cli.commands as commands
+from netmeld._version import __version__
+
+
+def _training_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """-o, --checkpoint-dir, --resume and --overwrite of the commands that train."""
+    p.add_argument("-o", "--output", required=True, help=f"folder to write {what} to")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="folder for the per-epoch checkpoint (default: none)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def _demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in digits demo (no download, ~1 minute)",
+        description="Train members on sklearn's digits, combine them with every "
+        "registered method, print a leaderboard and save the best model.",
+    )
+    p.add_argument(
+        "--out",
+        default="netmeld-demo-model",
+        help="folder to save the best combined model to (default: %(default)s; "
+        "a previous demo model there is replaced)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.set_defaults(func=commands.cmd_demo)
+
+
+def _methods(sub: Any) -> None:
+    p = sub.add_parser(
+        "methods",
+        help="list the registered methods",
+        description="List every registered method, the data it needs and its "
+        "parameters with their defaults.",
+    )
+    p.set_defaults(func=commands.cmd_methods)
+
+
+def _meld(sub: Any) -> None:
+    p = sub.add_parser(
+        "meld",
+        help="combine members described by a YAML recipe",
+        description="Load the members of RECIPE.yaml, combine them with its "
+        "method and data, and save the combined model to a folder.",
+    )
+    p.add_argument("recipe", help="the YAML recipe (members, method, params, data)")
+    p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=commands.cmd_meld)
+
+
+def _distill(sub: Any) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil teachers into one student over the union of their labels",
+        description="Train the student of RECIPE.yaml on the teachers' calibrated soft "
+        "outputs over unlabeled (or proxy) images, or on inputs synthesized from the "
+        "teachers (data_free: N). Runs on CPU or GPU; launch with torchrun for several "
+        "GPUs or machines (DDP). With --checkpoint-dir a checkpoint is written after every "
+        "epoch, and --resume continues from it.",
+    )
+    p.add_argument(
+        "recipe",
+        help="the YAML distillation recipe (teachers or teacher, union, "
+        "student, data or data_free, temperature, schedule)",
+    )
+    _training_arguments(p, "the student")
+    p.set_defaults(func=commands.cmd_distill)
+
+
+def _train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="build and train a fusion architecture (parallel, hierarchical, multi-task)",
+        description="Build the fused network of RECIPE.yaml (build: parallel | hierarchical | "
+        "multitask, from trained members or fresh architectures, with frozen parts) and train "
+        "it on labeled data through the shared engine: CPU or GPU, torchrun for several GPUs "
+        "or machines (DDP), a checkpoint every epoch with --checkpoint-dir, --resume after a "
+        "kill.",
+    )
+    p.add_argument(
+        "recipe",
+        help="the YAML training recipe (build, branches | first/second | trunk/tasks, labels, "
+        "freeze, data, schedule)",
+    )
+    _training_arguments(p, "the trained model")
+    p.set_defaults(func=commands.cmd_train)
+
+
+def _export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a saved combined model to ONNX",
+        description="Write MODEL (a netmeld model folder) as ONNX with a dynamic batch size, "
+        "then run it with onnxruntime on random inputs and compare with PyTorch (an error "
+        "above 1e-4).",
+    )
+    p.add_argument("model", help="a netmeld model folder (netmeld.json + model.safetensors)")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
+    p.set_defaults(func=commands.cmd_export)
+
+
+def _merge_weights(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge-weights",
+        help="merge checkpoints of one architecture in weight space (mergekit-style recipe)",
+        description="Merge the safetensors checkpoints of RECIPE.yaml (models, base_model, "
+        "merge_method, parameters with per-tensor filters, dtype, out_dtype, shard_size) into "
+        "one checkpoint, tensor by tensor: memory holds a few tensors whatever the size. "
+        "Methods: linear, slerp, task-arithmetic, ties, dare, dare-ties, breadcrumbs. "
+        "Inputs may be sharded (a folder with model.safetensors.index.json).",
+    )
+    p.add_argument("recipe", help="the YAML merge recipe")
+    p.add_argument(
+        "-o", "--output", required=True, help="folder to write the merged (sharded) checkpoint to"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=commands.cmd_merge_weights)
+
+
+def _eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate combined models on labeled data",
+        description="Union accuracy, per-member accuracy with the member known, "
+        "task confusion, calibration error, parameters and latency, one row per "
+        "model.",
+    )
+    p.add_argument("models", nargs="+", help="combined-model folders (several: side by side)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a folder with one subfolder of images per label, or a .csv table with a "
+        "'label' column",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="batch size for evaluation and latency (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=commands.cmd_eval)
+
+
+def _extend(sub: Any) -> None:
+    p = sub.add_parser(
+        "extend",
+        help="add classes to a combined model from a few examples each",
+        description="Add the labels of EXAMPLES (one subfolder of images per new label) to a "
+        "saved combined model: weight imprinting from the members' normalised features, then "
+        "a short fine-tuning that distils the old model's outputs on --unlabeled inputs so old "
+        "classes keep their accuracy. The model given is not changed.",
+    )
+    p.add_argument("model", help="a combined-model folder")
+    p.add_argument(
+        "--examples",
+        required=True,
+        help="folder with one subfolder of example images per label; subfolders named after "
+        "labels the model knows are used as old-class examples",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder to write the extended model to")
+    p.add_argument(
+        "--unlabeled",
+        help="folder of unlabeled images (mostly old classes) to distil the old outputs on; "
+        "without it only the new weights are fine-tuned",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="fine-tuning steps after imprinting; 0 for imprinting only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-2, help="fine-tuning learning rate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=1.0,
+        help="weight of the distillation of old outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-false-positives",
+        type=float,
+        default=0.005,
+        help="share of the other inputs each new class may claim; sets its threshold "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=commands.cmd_extend)
+
+
+def _predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict labels for image files",
+        description="Print the top labels and probabilities for each image.",
+    )
+    p.add_argument("model", help="a combined-model folder")
+    p.add_argument("files", nargs="+", help="image files, or folders of images")
+    p.add_argument("--top", type=int, default=3, help="labels to show per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=commands.cmd_predict)
+
+
+def _inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show what members share and where they diverge",
+        description="Find each member's head and the trunk members share with "
+        "identical parameters; print parameter counts.",
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        help="recipes (.yaml), combined-model folders, or checkpoints (with --arch)",
+    )
+    p.add_argument("--arch", help="architecture of checkpoint files, e.g. torchvision:resnet18")
+    p.add_argument(
+        "--arch-kwargs",
+        default="{}",
+        help="keyword arguments of the architecture, as JSON (default: {})",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=commands.cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netmeld",
+        description="Combine trained classifiers into one model over the union of their labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"netmeld {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _demo,
+        _methods,
+        _meld,
+        _distill,
+        _train,
+        _export,
+        _merge_weights,
+        _eval,
+        _extend,
+        _predict,
+        _inspect,
+    ):
+        add(sub)
+    return parser

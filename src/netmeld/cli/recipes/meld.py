@@ -1,0 +1,262 @@
+"""YAML recipes for ``netmeld meld``: members, a method, its parameters and data.
+
+.. code-block:: yaml
+
+    members:
+      - name: pets
+        checkpoint: pets.safetensors          # or .pt/.pth (read with weights_only=True)
+        architecture: torchvision:resnet18    # timm:NAME, or package.module:callable
+        labels: [cat, dog]                    # or a file: one label per line
+        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
+                        std: [0.229, 0.224, 0.225]}
+      - name: people
+        checkpoint: people.safetensors
+        architecture: torchvision:resnet18
+        labels: [man, woman]
+        preprocessing: {input_shape: [3, 224, 224], mean: [0.485, 0.456, 0.406],
+                        std: [0.229, 0.224, 0.225]}
+    method: infomax
+    params: {steps: 300}
+    data: unlabeled_images/                   # a folder; paths are relative to the recipe
+
+The recipe is checked whole when it is read (method name, parameters, whether the method
+needs data), before any checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from netmeld.errors import MethodError, RecipeError, validation_problems
+from netmeld.members.member import Member, Preprocessing
+from netmeld.methods import get_method
+
+
+class PreprocessingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    columns: tuple[int | str, ...] | None = None
+
+
+_BRIDGED = (".keras", ".h5", ".hdf5", ".onnx")
+
+
+class MemberSpec(BaseModel):
+    """One member: a checkpoint, the architecture that reads it, its labels, its input.
+
+    A Keras (``.keras``, ``.h5``) or ONNX (``.onnx``) file needs no architecture (and its input
+    shape comes from the file unless ``preprocessing`` is given); ``output`` picks one output of
+    a multi-output Keras model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    checkpoint: str
+    architecture: str | None = None
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    labels: list[str] | str
+    preprocessing: PreprocessingSpec | None = None
+    head: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MemberSpec:
+        bridged = self.checkpoint.lower().endswith(_BRIDGED)
+        if not bridged and (self.architecture is None or self.preprocessing is None):
+            raise ValueError(
+                f"member {self.checkpoint!r}: a checkpoint needs 'architecture' and "
+                "'preprocessing' (Keras and ONNX files carry them)"
+            )
+        if self.output is not None and not self.checkpoint.lower().endswith(_BRIDGED[:3]):
+            raise ValueError(f"member {self.checkpoint!r}: 'output' is for Keras models")
+        return self
+
+
+class MergeSpec(BaseModel):
+    """Merge the members' bodies in weight space before the union method combines their heads
+    (:func:`netmeld.merge_members`; ``method: zipit`` is :func:`netmeld.zip_members`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    base: str | None = None  # checkpoint of the common base (task-vector kernels)
+    weights: list[float] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    align: Literal["auto", "weight", "activation", "none"] = "auto"
+    layers: int | None = None  # zipit: zip the first n weighted layers only
+    alpha: float = 0.5  # zipit: share of within-model pairs
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        from netmeld.ops.merge import check_params, get_kernel
+
+        if self.method == "zipit":
+            if self.params or self.base or self.weights:
+                raise ValueError(
+                    "merge method 'zipit' takes layers and alpha, not params, base or weights"
+                )
+            return self
+        try:
+            kernel = get_kernel(self.method)
+        except MethodError as exc:
+            raise ValueError(f"{exc}, or zipit") from exc
+        check_params(self.method, self.params)
+        if kernel.needs_base and self.base is None:
+            raise ValueError(f"merge method {self.method!r} needs base: a checkpoint")
+        return self
+
+
+class Recipe(BaseModel):
+    """A whole ``netmeld meld`` recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: list[MemberSpec] = Field(min_length=1)
+    method: str = "concat"
+    params: dict[str, Any] = Field(default_factory=dict)
+    data: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    feature_names: list[str] | None = None
+    seed: int = 0
+    merge: MergeSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        info = get_method(self.method)
+        info.validate_params(self.params)
+        if self.merge is not None and self.data is None:
+            needs = self.merge.method in ("zipit", "fisher", "regmean") or (
+                self.merge.align == "activation"
+            )
+            if needs:
+                raise MethodError(
+                    f"merge {self.merge.method!r} (align {self.merge.align!r}) needs data: add "
+                    "'data: FOLDER' to the recipe"
+                )
+        if info.data != "none" and self.data is None:
+            raise MethodError(
+                f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
+            )
+        names = [m.name or Path(m.checkpoint).stem for m in self.members]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"two members are named {name!r}; member names must be unique")
+        return self
+
+
+_Spec = TypeVar("_Spec", bound=BaseModel)
+
+
+def read_yaml(path: str | Path, spec: type[_Spec], expected: str) -> tuple[_Spec, Path]:
+    """Parse and validate a YAML recipe as ``spec``; returns it and the folder its paths are
+    relative to. Every problem is a :class:`RecipeError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with {expected}")
+    try:
+        return spec.model_validate(raw), path.parent
+    except MethodError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
+    except ValidationError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+
+
+def read_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """Parse and validate a recipe file; returns it and the folder its paths are relative to."""
+    return read_yaml(path, Recipe, "'members' and 'method'")
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_member(spec: MemberSpec, base: Path) -> Member:
+    """Load one member of a recipe: a checkpoint, a Keras file or an ONNX file."""
+    labels: Any = spec.labels
+    if isinstance(labels, str):
+        labels = resolve_path(base, labels)
+    path = resolve_path(base, spec.checkpoint)
+    pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        return Member.from_keras(
+            path, labels, name=spec.name, output=spec.output, preprocessing=pre
+        )
+    if suffix == ".onnx":
+        return Member.from_onnx(path, labels, name=spec.name, preprocessing=pre)
+    assert spec.architecture is not None and pre is not None
+    return Member.from_checkpoint(
+        path,
+        spec.architecture,
+        labels,
+        name=spec.name,
+        preprocessing=pre,
+        architecture_kwargs=spec.architecture_kwargs,
+        head=spec.head,
+    )
+
+
+def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
+    """Load the recipe's members from their checkpoints."""
+    return [load_member(spec, base) for spec in recipe.members]
+
+
+def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
+    """Read a recipe, load its members and data, and return the combined model."""
+    from netmeld.methods.meld import meld
+
+    recipe, base = read_recipe(path)
+    members = recipe_members(recipe, base)
+    data = None if recipe.data is None else resolve_path(base, recipe.data)
+    if recipe.merge is not None:
+        from netmeld.methods.merge import merge_members, zip_members
+
+        spec = recipe.merge
+        if spec.method == "zipit":
+            return zip_members(
+                members,
+                data,
+                layers=spec.layers,
+                alpha=spec.alpha,
+                union=recipe.method,
+                union_params=recipe.params,
+                seed=recipe.seed,
+                progress=progress,
+            )
+        return merge_members(
+            members,
+            spec.method,
+            base=None if spec.base is None else resolve_path(base, spec.base),
+            weights=spec.weights,
+            params=spec.params,
+            data=data,
+            align=spec.align,
+            union=recipe.method,
+            union_params=recipe.params,
+            seed=recipe.seed,
+            progress=progress,
+        )
+    return meld(
+        members,
+        recipe.method,
+        data,
+        params=recipe.params,
+        input_shape=recipe.input_shape,
+        feature_names=recipe.feature_names,
+        seed=recipe.seed,
+        progress=progress,
+    )
