@@ -94,7 +94,7 @@ def test_bn_moments_match_monte_carlo_where_the_model_holds():
     """BN -> ReLU -> head on Gaussian inputs: the predicted moments equal the sampled ones."""
     from torch import nn
 
-    from netmeld.methods.union import bn_feature_moments
+    from netmeld.members.moments import bn_feature_moments
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from netmeld._progress import track
-from netmeld.data import load_data
+from netmeld.data import Data, load_data
 from netmeld.model.combined import CombinedModel
 
 
@@ -143,6 +143,18 @@ def measure_latency(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 
 
 
 @torch.no_grad()
+def _evaluation_data(data: Any, model: CombinedModel, progress: bool | None) -> Data:
+    """Labeled evaluation data in ``model``'s input shape (and table columns)."""
+    return load_data(
+        data,
+        model.input_shape,
+        require_labels=True,
+        what="evaluation data",
+        progress=progress,
+        feature_names=model.feature_names,
+    )
+
+
 def evaluate(
     model: CombinedModel,
     data: Any,
@@ -153,14 +165,7 @@ def evaluate(
     progress: bool | None = None,
 ) -> Report:
     """Evaluate ``model`` on labeled ``data`` (``(inputs, label_names)`` or a label folder)."""
-    loaded = load_data(
-        data,
-        model.input_shape,
-        require_labels=True,
-        what="evaluation data",
-        progress=progress,
-        feature_names=model.feature_names,
-    )
+    loaded = _evaluation_data(data, model, progress)
     targets = loaded.label_indices(model.labels)
     model.eval()
     starts = range(0, len(loaded), batch_size)
@@ -199,14 +204,7 @@ def compare(
     first = next(iter(models.values()), None)
     if first is None:
         return []
-    loaded = load_data(
-        data,
-        first.input_shape,
-        require_labels=True,
-        what="evaluation data",
-        progress=progress,
-        feature_names=first.feature_names,
-    )
+    loaded = _evaluation_data(data, first, progress)
     return [
         evaluate(m, loaded, name=name, batch_size=batch_size, progress=progress)
         for name, m in models.items()

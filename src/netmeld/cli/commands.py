@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,56 +24,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
+def _output(args: argparse.Namespace) -> Path:
+    """``--output``, refused when it exists and ``--overwrite`` is not given."""
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    return out
+
+
+def _print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     from rich.table import Table
 
-    from netmeld.methods import method_infos
-
-    table = Table(title="registered methods", title_justify="left")
-    table.add_column("method")
-    table.add_column("data")
-    table.add_column("what it does")
-    table.add_column("parameters")
-    for info in method_infos():
-        params = ", ".join(f"{k}={v.default}" for k, v in info.params.model_fields.items()) or "-"
-        table.add_row(info.name, info.data, info.summary, params)
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from netmeld.methods import method_infos
+    from netmeld.methods.fusion.parts import FUSION_NETS
     from netmeld.ops.merge import KERNELS
 
-    kernels = Table(
-        title="weight-merging kernels (merge_members, merge-weights, recipe 'merge:')",
-        title_justify="left",
-    )
-    kernels.add_column("kernel")
-    kernels.add_column("needs")
-    kernels.add_column("reference")
-    kernels.add_column("parameters")
-    for k in KERNELS.values():
-        needs = "base" if k.needs_base else "inputs" if k.needs != "none" else "-"
-        params = ", ".join(f"{p.rstrip('_')}={v}" for p, v in k.defaults.items()) or "-"
-        kernels.add_row(k.name, needs, k.reference, params)
-    console.print(kernels)
-    fusions = Table(
-        title="fusion architectures (netmeld.fusion, netmeld train; need labeled data)",
-        title_justify="left",
-    )
-    fusions.add_column("build")
-    fusions.add_column("what it combines")
-    fusions.add_column("options")
-    from netmeld.methods.fusion.parts import FUSION_NETS
+    def params(defaults: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k.rstrip('_')}={v}" for k, v in defaults.items()) or "-"
 
-    for kind, net in FUSION_NETS.items():
-        fusions.add_row(kind, net.summary, ", ".join(net.options))
-    console.print(fusions)
+    _print_table(
+        "registered methods",
+        ("method", "data", "what it does", "parameters"),
+        (
+            (
+                i.name,
+                i.data,
+                i.summary,
+                params({k: v.default for k, v in i.params.model_fields.items()}),
+            )
+            for i in method_infos()
+        ),
+    )
+    _print_table(
+        "weight-merging kernels (merge_members, merge-weights, recipe 'merge:')",
+        ("kernel", "needs", "reference", "parameters"),
+        (
+            (
+                k.name,
+                "base" if k.needs_base else "inputs" if k.needs != "none" else "-",
+                k.reference,
+                params(k.defaults),
+            )
+            for k in KERNELS.values()
+        ),
+    )
+    _print_table(
+        "fusion architectures (netmeld.fusion, netmeld train; need labeled data)",
+        ("build", "what it combines", "options"),
+        ((kind, net.summary, ", ".join(net.options)) for kind, net in FUSION_NETS.items()),
+    )
     return 0
 
 
 def cmd_meld(args: argparse.Namespace) -> int:
     from netmeld.cli.recipes import run_recipe
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    out = _output(args)
     model = run_recipe(args.recipe)
     model.save(out, overwrite=args.overwrite)
     console.print(
@@ -106,9 +121,7 @@ def _process_group() -> Iterator[int]:
 def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
     """Run a training recipe (``run``) in torchrun's process group; rank 0 saves the model and
     prints ``what(model)``."""
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    out = _output(args)
     with _process_group() as rank:
         model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         if rank == 0:
@@ -170,8 +183,7 @@ def cmd_merge_weights(args: argparse.Namespace) -> int:
     from netmeld.io.checkpoint_merge import merge_weights, read_merge_recipe
     from netmeld.io.shards import CheckpointReader
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise NetmeldError(f"{args.output!r} exists; pass --overwrite to replace it")
+    _output(args)
     recipe, base = read_merge_recipe(args.recipe)
     out = merge_weights(recipe, args.output, base_dir=base, overwrite=args.overwrite)
     written = CheckpointReader(out)
@@ -212,9 +224,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
     from netmeld.methods.extend import extend
     from netmeld.model.artifact import load
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise NetmeldError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    out = _output(args)
     model = load(args.model)
     extended = extend(
         model,

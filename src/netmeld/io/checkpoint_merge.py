@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from netmeld._progress import track
-from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError, validation_problems
+from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
+from netmeld.io.recipe_file import read_yaml
 from netmeld.io.shards import CheckpointReader, ShardedWriter, parse_size
 from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
 
@@ -118,19 +118,9 @@ class MergeRecipe(BaseModel):
 
 def read_merge_recipe(path: str | Path) -> tuple[MergeRecipe, Path]:
     """Read and validate a recipe; paths in it are relative to its folder."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {str(path)!r}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    try:
-        recipe = MergeRecipe.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
+    recipe, folder = read_yaml(path, MergeRecipe, "'merge_method' and 'models'")
     _check_recipe_params(recipe, str(path))
-    return recipe, path.parent
+    return recipe, folder
 
 
 def _check_recipe_params(recipe: MergeRecipe, where: str) -> None:

@@ -204,6 +204,129 @@ class _Hinted(nn.Module):
 SCHEDULE = TrainConfig(epochs=50, batch_size=64, lr=3e-3, weight_decay=1e-4)
 
 
+def _teacher_and_inputs(
+    teacher: CombinedModel | Sequence[Member],
+    data: Any,
+    union: str,
+    union_params: dict[str, Any] | None,
+    data_free: int | None,
+    synthesis: dict[str, Any] | None,
+    seed: int,
+    progress: bool | None,
+) -> tuple[CombinedModel, torch.Tensor]:
+    """The teacher (members combined with ``union`` first) and the inputs distilled on:
+    ``data``, or ``data_free`` inputs synthesized from the teacher."""
+    if not isinstance(teacher, CombinedModel):
+        from netmeld.methods._registry import get_method
+        from netmeld.methods.meld import meld
+
+        info = get_method(union)
+        teacher = meld(
+            list(teacher),
+            union,
+            data if info.data != "none" else None,
+            params=union_params,
+            seed=seed,
+            progress=progress,
+        )
+    if data is None:
+        assert data_free
+        inputs = synthesize(
+            teacher, int(data_free), seed=seed, progress=progress, **(synthesis or {})
+        )
+    else:
+        inputs = load_data(data, teacher.input_shape, what="distillation data").inputs
+    return teacher, inputs
+
+
+def _student(
+    teacher: CombinedModel,
+    student: nn.Module | Member | None,
+    init: Literal["member", "merge", "scratch"],
+    inputs: torch.Tensor,
+) -> tuple[Member, torch.Tensor]:
+    """The student member (checked to predict the teacher's labels in its order) and the
+    inputs in its preprocessing."""
+    labels = list(teacher.labels)
+    if student is None:
+        member = _default_student(teacher, init, inputs)
+    elif isinstance(student, Member):
+        member = student
+    else:
+        first = teacher.members[0]
+        member = Member(
+            copy.deepcopy(student), labels, name="student", preprocessing=first.preprocessing
+        )
+    if list(member.labels) != labels:
+        raise MemberError(
+            f"the student's labels {list(member.labels)[:5]} differ from the teacher's "
+            f"{labels[:5]}; the student must predict the union in the teacher's order"
+        )
+    prep = Preprocess(teacher.input_shape, member.preprocessing)
+    with torch.no_grad():
+        x = prep(inputs)
+        out = member.module.eval()(x[:2])
+    if out.shape[-1] != len(labels):
+        raise MemberError(
+            f"the student outputs {out.shape[-1]} logits, the teacher has {len(labels)} labels"
+        )
+    return member, x
+
+
+def _fit_student(
+    member: Member,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: CombinedModel,
+    inputs: torch.Tensor,
+    temperature: float,
+    hint_weight: float,
+    cfg: TrainConfig,
+    device: str | None,
+    progress: bool | None,
+) -> None:
+    """Train the student on ``T² · KL(teacher ‖ student)`` over ``x`` (its preprocessed
+    inputs; ``targets`` the teacher's logits), plus the feature hint, on the engine."""
+    t = temperature
+    module = member.module
+    for p in module.parameters():
+        p.requires_grad_(True)
+    trained: nn.Module = module
+    batches = tensor_batches(x, targets)
+    if hint_weight > 0:
+        teacher_feats = _teacher_features(teacher, inputs)
+        trained = _Hinted(module, member, teacher_feats.shape[1])
+        batches = tensor_batches(x, targets, teacher_feats)
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        xb, tb = batch[0], batch[1]
+        s = model(xb)
+        hint = None
+        if hint_weight > 0:
+            s, projected = s
+            hint = F.mse_loss(projected, batch[2])
+        loss = F.kl_div(
+            F.log_softmax(s / t, dim=1),
+            F.log_softmax(tb / t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (t * t)
+        return loss if hint is None else loss + hint_weight * hint
+
+    train(
+        trained,
+        step,
+        len(x),
+        batches,
+        cfg,
+        device=device,
+        progress=progress,
+        description="distilling",
+    )
+    if isinstance(trained, _Hinted):
+        trained.handle.remove()
+
+
 def distill(
     teacher: CombinedModel | Sequence[Member],
     data: Any = None,
@@ -250,94 +373,20 @@ def distill(
             "distillation needs unlabeled inputs (data=): in-distribution or proxy images, "
             "or data_free=N to synthesize N inputs from the teachers"
         )
-    if not isinstance(teacher, CombinedModel):
-        from netmeld.methods._registry import get_method
-        from netmeld.methods.meld import meld
-
-        info = get_method(union)
-        teacher = meld(
-            list(teacher),
-            union,
-            data if info.data != "none" else None,
-            params=union_params,
-            seed=seed,
-            progress=progress,
-        )
-    if data is None:
-        assert data_free
-        inputs = synthesize(
-            teacher, int(data_free), seed=seed, progress=progress, **(synthesis or {})
-        )
-    else:
-        inputs = load_data(data, teacher.input_shape, what="distillation data").inputs
+    teacher, inputs = _teacher_and_inputs(
+        teacher, data, union, union_params, data_free, synthesis, seed, progress
+    )
     if temperature <= 0:
         raise DataError(f"temperature must be > 0, got {temperature}")
     targets = _teacher_logits(teacher, inputs)
-    labels = list(teacher.labels)
-    if student is None:
-        member = _default_student(teacher, init, inputs)
-    elif isinstance(student, Member):
-        member = student
-    else:
-        first = teacher.members[0]
-        member = Member(
-            copy.deepcopy(student), labels, name="student", preprocessing=first.preprocessing
-        )
-    if list(member.labels) != labels:
-        raise MemberError(
-            f"the student's labels {list(member.labels)[:5]} differ from the teacher's "
-            f"{labels[:5]}; the student must predict the union in the teacher's order"
-        )
-    prep = Preprocess(teacher.input_shape, member.preprocessing)
-    with torch.no_grad():
-        x = prep(inputs)
-        out = member.module.eval()(x[:2])
-    if out.shape[-1] != len(labels):
-        raise MemberError(
-            f"the student outputs {out.shape[-1]} logits, the teacher has {len(labels)} labels"
-        )
+    member, x = _student(teacher, student, init, inputs)
     cfg = resolve_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
     )
-    t = temperature
-    module = member.module
-    for p in module.parameters():
-        p.requires_grad_(True)
-    trained: nn.Module = module
-    batches = tensor_batches(x, targets)
-    if hint_weight > 0:
-        teacher_feats = _teacher_features(teacher, inputs)
-        trained = _Hinted(module, member, teacher_feats.shape[1])
-        batches = tensor_batches(x, targets, teacher_feats)
-
-    def step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        xb, tb = batch[0], batch[1]
-        s = model(xb)
-        hint = None
-        if hint_weight > 0:
-            s, projected = s
-            hint = F.mse_loss(projected, batch[2])
-        loss = F.kl_div(
-            F.log_softmax(s / t, dim=1),
-            F.log_softmax(tb / t, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        ) * (t * t)
-        return loss if hint is None else loss + hint_weight * hint
-
-    train(
-        trained,
-        step,
-        len(x),
-        batches,
-        cfg,
-        device=device,
-        progress=progress,
-        description="distilling",
+    _fit_student(
+        member, x, targets, teacher, inputs, temperature, hint_weight, cfg, device, progress
     )
-    if isinstance(trained, _Hinted):
-        trained.handle.remove()
-    module.cpu().eval()
+    member.module.cpu().eval()
     model = CombinedModel(
         [member], input_shape=teacher.input_shape, feature_names=teacher.feature_names
     )

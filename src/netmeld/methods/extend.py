@@ -25,13 +25,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from netmeld._progress import track
-from netmeld.data import load_data
+from netmeld.data import Data, load_data
 from netmeld.engine import small_fit
 from netmeld.errors import DataError, LabelError
 from netmeld.model.combined import CombinedModel
@@ -55,6 +57,157 @@ def _embed(
         feats.append(Extension.embed(out.features))
         logits.append(base)
     return torch.cat(feats), torch.cat(logits)
+
+
+def _imprinted(
+    previous: Extension | None,
+    emb: torch.Tensor,
+    d_emb: torch.Tensor,
+    given: Sequence[str],
+    new_labels: Sequence[str],
+    scale: float,
+) -> Extension:
+    """The extension with the new labels imprinted (each new class's weight: its normalised
+    mean example); earlier added classes are kept exactly."""
+    labels = list(new_labels)
+    ext = Extension(emb.shape[1], ([] if previous is None else previous.labels) + labels)
+    with torch.no_grad():
+        if previous is not None:
+            ext.center.copy_(previous.center)
+            ext.log_scale.copy_(previous.log_scale)
+            k = len(previous.labels)
+            ext.weight[:k] = previous.weight
+            ext.bias[:k] = previous.bias
+        else:
+            ext.center.copy_(torch.cat([emb, d_emb]).mean(0))
+            ext.log_scale.fill_(math.log(scale))
+    first_new = 0 if previous is None else len(previous.labels)
+    with torch.no_grad():
+        for j, label in enumerate(labels):
+            rows = F.normalize(emb[[lb == label for lb in given]] - ext.center, dim=1)
+            ext.weight[first_new + j] = F.normalize(rows.mean(0), dim=0)
+    return ext
+
+
+@dataclass(frozen=True)
+class _Negatives:
+    """What the new classes' thresholds are set against: held-out distillation inputs and
+    the examples (with their labels ``given``), and the share they may claim."""
+
+    calib_emb: torch.Tensor
+    emb: torch.Tensor
+    given: Sequence[str]
+    max_false_positives: float
+
+
+def _set_thresholds(
+    ext: Extension, new_labels: Sequence[str], first_new: int, neg: _Negatives
+) -> list[float]:
+    """Set each new class's cosine threshold (its bias): the (1 - max_false_positives / new
+    classes) quantile of its similarity to inputs that are not of it (old-class inputs, other
+    new classes), so that together the new classes claim at most that share of them."""
+    s = float(ext.log_scale.exp())
+    taus = []
+    with torch.no_grad():
+        for j, label in enumerate(new_labels):
+            w = F.normalize(ext.weight[first_new + j], dim=0)
+            negatives = torch.cat(
+                [neg.calib_emb, neg.emb[[lb != label and lb in new_labels for lb in neg.given]]]
+            )
+            if len(negatives):
+                others = F.normalize(negatives - ext.center, dim=1) @ w
+                share = neg.max_false_positives / len(new_labels)
+                tau = float(torch.quantile(others, 1 - share))
+            else:  # nothing to compare with: 3/4 of the examples' own similarity
+                rows = F.normalize(neg.emb[[lb == label for lb in neg.given]] - ext.center, dim=1)
+                tau = 0.75 * float((rows @ w).median())
+            taus.append(tau)
+            ext.bias[first_new + j] = -s * tau
+    return taus
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What the fine-tuning fits: the examples (embeddings, the model's logits, targets over
+    old + new labels), the distillation inputs with the model's logits, and how many of those
+    logits are the members' own (the rest are earlier added classes)."""
+
+    emb: torch.Tensor
+    old_logits: torch.Tensor
+    targets: torch.Tensor
+    train_emb: torch.Tensor
+    train_logits: torch.Tensor
+    base_cols: int
+
+
+def _fine_tune(
+    ext: Extension, fit: _Fit, n_prev: int, *, steps: int, lr: float, distill: float, seed: int
+) -> None:
+    """Fine-tune the new classes' weights (earlier added ones stay): cross-entropy on the
+    examples, plus the distillation of the old outputs, anchored to the imprinted start."""
+    n_new = len(ext.labels) - n_prev
+
+    def logits_with(e: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        new_cols = ext.scores(e, old[:, : fit.base_cols])[:, n_prev:]
+        return torch.cat([old, new_cols], dim=1)
+
+    start = ext.weight.detach().clone()
+    d_targets = F.pad(fit.train_logits.softmax(dim=1), (0, n_new))
+
+    def objective() -> torch.Tensor:
+        loss = F.cross_entropy(logits_with(fit.emb, fit.old_logits), fit.targets)
+        if len(fit.train_emb) and distill > 0:
+            loss = loss + distill * F.cross_entropy(
+                logits_with(fit.train_emb, fit.train_logits), d_targets
+            )
+        return loss + 1e-3 * (ext.weight - start).pow(2).sum()
+
+    def keep_earlier() -> None:  # earlier added classes stay as they were
+        if n_prev:
+            ext.weight.grad[:n_prev] = 0  # type: ignore[index]
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        small_fit([ext.weight], objective, steps, lr=lr, before_step=keep_earlier)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def _examples(
+    model: CombinedModel, examples: Any, labels: Any, progress: bool | None
+) -> tuple[Data, list[str]]:
+    """The labeled examples and the labels among them the model does not know yet."""
+    data = load_data(
+        examples if labels is None else (examples, labels),
+        model.input_shape,
+        require_labels=True,
+        what="examples",
+        progress=progress,
+        feature_names=model.feature_names,
+    )
+    assert data.labels is not None
+    new_labels = [label for label in dict.fromkeys(data.labels) if label not in model.labels]
+    if not new_labels:
+        raise LabelError(
+            f"examples ({data.source}): every label is known to the model already "
+            f"({', '.join(sorted(set(data.labels)))}); extend adds new labels"
+        )
+    return data, new_labels
+
+
+def _unlabeled(
+    model: CombinedModel, unlabeled: Any, batch_size: int, progress: bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings and the model's logits of the unlabeled inputs."""
+    extra = load_data(
+        unlabeled,
+        model.input_shape,
+        what="unlabeled inputs",
+        progress=progress,
+        feature_names=model.feature_names,
+    )
+    return _embed(model, extra.inputs, batch_size, progress)
 
 
 def extend(
@@ -97,43 +250,18 @@ def extend(
             "extend: steps and distill must be >= 0, lr and scale > 0, max_false_positives "
             "in (0, 1)"
         )
-    data = load_data(
-        examples if labels is None else (examples, labels),
-        model.input_shape,
-        require_labels=True,
-        what="examples",
-        progress=progress,
-        feature_names=model.feature_names,
-    )
-    assert data.labels is not None
-    given: list[str] = data.labels
+    data, new_labels = _examples(model, examples, labels, progress)
+    given: list[str] = list(data.labels or [])
     old_labels = list(model.labels)
-    new_labels = [label for label in dict.fromkeys(data.labels) if label not in old_labels]
-    if not new_labels:
-        raise LabelError(
-            f"examples ({data.source}): every label is known to the model already "
-            f"({', '.join(sorted(set(data.labels)))}); extend adds new labels"
-        )
     extended = copy.deepcopy(model)
     emb, old_logits = _embed(extended, data.inputs, batch_size, progress)
     all_labels = old_labels + new_labels
-    targets = torch.tensor([all_labels.index(label) for label in data.labels])
+    targets = torch.tensor([all_labels.index(label) for label in given])
     is_new = targets >= len(old_labels)
-    distill_emb = [emb[~is_new]]
-    distill_logits = [old_logits[~is_new]]
+    d_emb, d_logits = emb[~is_new], old_logits[~is_new]
     if unlabeled is not None:
-        extra = load_data(
-            unlabeled,
-            model.input_shape,
-            what="unlabeled inputs",
-            progress=progress,
-            feature_names=model.feature_names,
-        )
-        u_emb, u_logits = _embed(extended, extra.inputs, batch_size, progress)
-        distill_emb.append(u_emb)
-        distill_logits.append(u_logits)
-    d_emb = torch.cat(distill_emb)
-    d_logits = torch.cat(distill_logits)
+        u_emb, u_logits = _unlabeled(extended, unlabeled, batch_size, progress)
+        d_emb, d_logits = torch.cat([d_emb, u_emb]), torch.cat([d_logits, u_logits])
     if not len(d_emb):
         warnings.warn(
             "extend: no unlabeled inputs and no examples of old classes were given, so nothing "
@@ -141,25 +269,9 @@ def extend(
             "classes may lose accuracy; pass unlabeled= (a few hundred typical inputs)",
             stacklevel=2,
         )
-
     previous = extended.extension
-    ext = Extension(emb.shape[1], ([] if previous is None else previous.labels) + new_labels)
-    with torch.no_grad():
-        if previous is not None:  # keep earlier added classes exactly
-            ext.center.copy_(previous.center)
-            ext.log_scale.copy_(previous.log_scale)
-            k = len(previous.labels)
-            ext.weight[:k] = previous.weight
-            ext.bias[:k] = previous.bias
-        else:
-            ext.center.copy_(torch.cat([emb, d_emb]).mean(0))
-            ext.log_scale.fill_(math.log(scale))
-    first_new = 0 if previous is None else len(previous.labels)
-    with torch.no_grad():
-        for j, label in enumerate(new_labels):  # imprinting: the normalised mean example
-            rows = F.normalize(emb[[lb == label for lb in data.labels]] - ext.center, dim=1)
-            ext.weight[first_new + j] = F.normalize(rows.mean(0), dim=0)
-
+    ext = _imprinted(previous, emb, d_emb, given, new_labels, scale)
+    n_prev = 0 if previous is None else len(previous.labels)
     # fine-tuning fits the distillation inputs, so thresholds are then set on inputs it did
     # not see: half of them (seeded), when there are enough
     calib_emb, train_emb, train_logits = d_emb, d_emb, d_logits
@@ -168,62 +280,12 @@ def extend(
         half = len(d_emb) // 2
         calib_emb = d_emb[order[:half]]
         train_emb, train_logits = d_emb[order[half:]], d_logits[order[half:]]
-
-    def set_thresholds() -> list[float]:
-        """Each new class's cosine threshold: the (1 - max_false_positives / new classes)
-        quantile of its similarity to inputs that are not of it (old-class inputs, other new
-        classes), so that together the new classes claim at most that share of them."""
-        s = float(ext.log_scale.exp())
-        taus = []
-        with torch.no_grad():
-            for j, label in enumerate(new_labels):
-                w = F.normalize(ext.weight[first_new + j], dim=0)
-                negatives = torch.cat(
-                    [calib_emb, emb[[lb != label and lb in new_labels for lb in given]]]
-                )
-                if len(negatives):
-                    others = F.normalize(negatives - ext.center, dim=1) @ w
-                    tau = float(torch.quantile(others, 1 - max_false_positives / len(new_labels)))
-                else:  # nothing to compare with: 3/4 of the examples' own similarity
-                    rows = F.normalize(emb[[lb == label for lb in given]] - ext.center, dim=1)
-                    tau = 0.75 * float((rows @ w).median())
-                taus.append(tau)
-                ext.bias[first_new + j] = -s * tau
-        return taus
-
-    thresholds = set_thresholds()
-    # the model's old logits on the examples; ext adds columns for the new labels only
-    n_prev = 0 if previous is None else len(previous.labels)
-    base_cols = len(old_labels) - n_prev
-
-    def logits_with(e: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        base = old[:, :base_cols]
-        new_cols = ext.scores(e, base)[:, n_prev:]
-        return torch.cat([old, new_cols], dim=1)
-
+    negatives = _Negatives(calib_emb, emb, given, max_false_positives)
+    thresholds = _set_thresholds(ext, new_labels, n_prev, negatives)
     if steps > 0:
-        start = ext.weight.detach().clone()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        d_targets = F.pad(train_logits.softmax(dim=1), (0, len(new_labels)))
-
-        def objective() -> torch.Tensor:
-            loss = F.cross_entropy(logits_with(emb, old_logits), targets)
-            if len(train_emb) and distill > 0:
-                loss = loss + distill * F.cross_entropy(
-                    logits_with(train_emb, train_logits), d_targets
-                )
-            return loss + 1e-3 * (ext.weight - start).pow(2).sum()
-
-        def keep_earlier() -> None:  # earlier added classes stay as they were
-            if previous is not None:
-                ext.weight.grad[:n_prev] = 0  # type: ignore[index]
-
-        try:
-            small_fit([ext.weight], objective, steps, lr=lr, before_step=keep_earlier)
-        finally:
-            torch.random.set_rng_state(generator_state)
-        thresholds = set_thresholds()
+        fit = _Fit(emb, old_logits, targets, train_emb, train_logits, len(old_labels) - n_prev)
+        _fine_tune(ext, fit, n_prev, steps=steps, lr=lr, distill=distill, seed=seed)
+        thresholds = _set_thresholds(ext, new_labels, n_prev, negatives)
     if not torch.isfinite(ext.weight).all():
         raise DataError("extend: the fit diverged (non-finite weights); lower lr")
     extended.set_extension(ext)
@@ -231,7 +293,7 @@ def extend(
     history.append(
         {
             "labels": new_labels,
-            "examples": {label: data.labels.count(label) for label in new_labels},
+            "examples": {label: given.count(label) for label in new_labels},
             "old_class_examples": int((~is_new).sum()),
             "unlabeled": len(d_emb) - int((~is_new).sum()),
             "steps": steps,

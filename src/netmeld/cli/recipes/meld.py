@@ -28,10 +28,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from netmeld.errors import MethodError, RecipeError, validation_problems
+from netmeld.errors import MethodError
+from netmeld.io.recipe_file import read_yaml
 from netmeld.members.member import Member, Preprocessing
 from netmeld.methods import get_method
 
@@ -152,26 +152,6 @@ class Recipe(BaseModel):
 
 
 _Spec = TypeVar("_Spec", bound=BaseModel)
-
-
-def read_yaml(path: str | Path, spec: type[_Spec], expected: str) -> tuple[_Spec, Path]:
-    """Parse and validate a YAML recipe as ``spec``; returns it and the folder its paths are
-    relative to. Every problem is a :class:`RecipeError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {str(path)!r}: expected a mapping with {expected}")
-    try:
-        return spec.model_validate(raw), path.parent
-    except MethodError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {exc}") from exc
-    except ValidationError as exc:
-        raise RecipeError(f"recipe {str(path)!r}: {validation_problems(exc)}") from exc
 
 
 def read_recipe(path: str | Path) -> tuple[Recipe, Path]:

@@ -15,11 +15,11 @@ from netmeld.cli.recipes.meld import (
     PreprocessingSpec,
     Recipe,
     load_member,
-    read_yaml,
     recipe_members,
     resolve_path,
 )
 from netmeld.errors import MethodError, RecipeError
+from netmeld.io.recipe_file import read_yaml
 from netmeld.members.member import Member, Preprocessing
 from netmeld.methods import get_method
 from netmeld.methods.distill import SCHEDULE as DISTILL_SCHEDULE
