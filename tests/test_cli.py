@@ -193,3 +193,37 @@ def test_distill_from_a_recipe_with_checkpoints(workspace, capsys):
     path.write_text(yaml.safe_dump(distill_recipe))
     assert main(["distill", str(path), "-o", str(workspace / "s3")]) == 2
     assert "data_free" in capsys.readouterr().err
+
+
+def test_python_inspect_gives_the_rows_of_the_cli(workspace, digits2, capsys):
+    assert main(["inspect", str(workspace / "recipe.yaml"), "--json"]) == 0
+    cli_rows = json.loads(capsys.readouterr().out)
+    from_file = netmeld.inspect(workspace / "recipe.yaml")
+    from_members = netmeld.inspect(digits2.members)
+    assert from_file == cli_rows
+    assert [r["labels"] for r in from_file] == [list(m.labels) for m in digits2.members]
+    for a, b in zip(from_file, from_members, strict=True):
+        assert a | {"labels": None} == b | {"labels": None}
+    model = netmeld.meld(digits2.members, "concat")
+    assert netmeld.inspect(model) == from_members
+
+
+def test_python_inspect_names_what_it_cannot_read(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(netmeld.MemberError, match="architecture="):
+        netmeld.inspect(tmp_path / "w.safetensors")
+
+
+def test_train_recipe_and_netmeld_train_share_their_default_schedule():
+    import inspect as pyinspect
+
+    from netmeld.cli.recipes import DistillSchedule, TrainSchedule
+
+    for schedule, fn in ((TrainSchedule(), netmeld.train), (DistillSchedule(), netmeld.distill)):
+        defaults = {
+            k: v.default
+            for k, v in pyinspect.signature(fn).parameters.items()
+            if k in ("epochs", "batch_size", "lr")
+        }
+        assert defaults == {k: getattr(schedule, k) for k in defaults}, fn.__name__
+        assert len(defaults) == 3

@@ -226,3 +226,12 @@ def test_mixed_dtypes_need_a_recipe_dtype(checkpoints):
     assert not (tmp_path / "out").exists()
     out = merge_weights(_recipe(tmp_path, dtype="float32"), tmp_path / "out")
     assert CheckpointReader(out).get("embed.weight").dtype == torch.float32
+
+
+def test_merge_weights_is_the_public_name_and_the_old_one_warns():
+    import netmeld
+    import netmeld.io.checkpoint_merge as cm
+
+    assert netmeld.merge_weights is merge_weights
+    with pytest.warns(DeprecationWarning, match="netmeld.merge_weights"):
+        assert cm.merge_checkpoints is merge_weights
