@@ -4,6 +4,7 @@ rules, prefit members left alone, open label sets, the router's gate accuracy, s
 from __future__ import annotations
 
 import copy
+import typing
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import netmeld
 from netmeld import Architecture, Member, Preprocessing
 from netmeld.demo import method_data
 from netmeld.demo.scenarios import TableScenario, few_per_class
+from netmeld.methods.transfer import TransferParams
 from netmeld.model.heads import Ensemble, FeatureHead, Stacker
 from netmeld.zoo import MLP
 
@@ -265,7 +267,9 @@ def renamed(digits2):
     return data, test
 
 
-@pytest.mark.parametrize("fusion", ["concat", "sum", "attention"])
+@pytest.mark.parametrize(
+    "fusion", typing.get_args(TransferParams.model_fields["fusion"].annotation)
+)
 def test_transfer_learns_a_label_no_member_knows(digits2, renamed, fusion):
     data, test = renamed
     model = netmeld.meld(digits2.members, "transfer", data, params={"fusion": fusion, "steps": 100})

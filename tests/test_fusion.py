@@ -363,3 +363,40 @@ def test_netmeld_train_multitask_recipe_reads_a_folder_per_task(digits, tmp_path
         from netmeld.cli.recipes import read_train_recipe
 
         read_train_recipe(tmp_path / "bad.yaml")
+
+
+# one small model of each fusion kind: a test of every kind FUSION_KINDS lists
+_EVERY_KIND = {
+    "parallel": lambda: fusion.parallel(
+        {"a": FRESH, "b": FRESH}, [str(i) for i in range(10)], input_shape=(1, 8, 8)
+    ),
+    "hierarchical": lambda: fusion.hierarchical(
+        FRESH,
+        netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 16, "num_classes": 10}),
+        [str(i) for i in range(10)],
+        input_shape=(1, 8, 8),
+        second_input_shape=(16,),
+    ),
+    "multitask": lambda: fusion.multitask(
+        FRESH, {"digit": [str(i) for i in range(10)]}, input_shape=(1, 8, 8)
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", fusion.FUSION_KINDS)
+def test_every_fusion_kind_trains_saves_and_loads_equal(kind, digits, tmp_path):
+    assert set(_EVERY_KIND) == set(fusion.FUSION_KINDS)
+    torch.manual_seed(0)
+    model = _EVERY_KIND[kind]()
+    (x, labels), (test_x, _) = digits
+    x, labels = x[:600], labels[:600]
+    if kind == "multitask":
+        labels = [f"digit/{label}" for label in labels]
+    before = _accuracy(model, (x, labels))
+    out = netmeld.train(model, (x, labels), epochs=4, lr=1e-2, progress=False)
+    assert isinstance(out.members[0].module, fusion.FusedNet)
+    assert out.members[0].module.kind == kind
+    assert _accuracy(out, (x, labels)) > before + 0.2  # chance: 0.1
+    out.save(tmp_path / kind)
+    loaded = netmeld.load(tmp_path / kind)
+    torch.testing.assert_close(loaded(test_x[:16]), out(test_x[:16]), atol=1e-6, rtol=0)
