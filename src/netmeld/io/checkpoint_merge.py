@@ -48,18 +48,32 @@ _DTYPES = {
 
 
 class FilterValue(BaseModel):
+    """One entry of a parameter given per tensor: the first entry whose ``filter`` is in the
+    tensor's name applies; an entry without a filter is the default."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    filter: str | None = None
-    value: float | int | bool | str | None
+    filter: str | None = Field(
+        default=None, description="applies to tensors whose name contains this; null: the default"
+    )
+    value: float | int | bool | str | None = Field(description="the parameter's value there")
 
 
 ParamValue = float | int | bool | str | None | list[FilterValue]
 
 
 class ModelEntry(BaseModel):
+    """One model of a ``merge-weights`` recipe."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    model: str
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    model: str = Field(
+        description="a safetensors file, or a folder of shards with an HF-style index; relative "
+        "to the recipe"
+    )
+    parameters: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="this model's parameters: a value, or a list of *parameter value entry* "
+        "(per tensor)",
+    )
 
     @field_validator("parameters")
     @classmethod
@@ -77,13 +91,29 @@ class MergeRecipe(BaseModel):
     """A validated ``merge-weights`` recipe."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    merge_method: str
-    models: list[ModelEntry]
-    base_model: str | None = None
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    shard_size: str | int = "5GB"
+    merge_method: str = Field(description="the merging kernel")
+    models: list[ModelEntry] = Field(description="the checkpoints to merge (at least one)")
+    base_model: str | None = Field(
+        default=None,
+        description="the checkpoint the models were fine-tuned from (needed by the task-vector "
+        "kernels), as a model's `model`",
+    )
+    parameters: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="the kernel's global parameters (`normalize`, `lambda`, `t`, ...: `netmeld "
+        "methods` lists them): a value, or a list of *parameter value entry* (per tensor)",
+    )
+    dtype: str | None = Field(
+        default=None,
+        description="the dtype the kernel computes in; null: the inputs' own (they must agree)",
+    )
+    out_dtype: str | None = Field(
+        default=None, description="the dtype of the merged floating-point tensors; null: `dtype`"
+    )
+    shard_size: str | int = Field(
+        default="5GB",
+        description="the largest output shard: bytes, or a size such as `500MB`, `2GB`",
+    )
 
     @field_validator("merge_method")
     @classmethod

@@ -37,12 +37,27 @@ from netmeld.methods import get_method
 
 
 class PreprocessingSpec(BaseModel):
+    """How a member wants its input (:class:`netmeld.Preprocessing`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_shape: tuple[int, ...]
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    columns: tuple[int | str, ...] | None = None
+    input_shape: tuple[int, ...] = Field(
+        description="the shape of one input: `[C, H, W]` for images, `[F]` for vectors"
+    )
+    mean: tuple[float, ...] | None = Field(
+        default=None,
+        description="per-channel mean subtracted from inputs in [0, 1] (one value per channel, "
+        "or one for all); null: no normalisation",
+    )
+    std: tuple[float, ...] | None = Field(
+        default=None,
+        description="per-channel standard deviation the inputs are divided by, as `mean`",
+    )
+    columns: tuple[int | str, ...] | None = Field(
+        default=None,
+        description="a table member's columns of the combined input, in its own order: names "
+        "or positions; null: the whole input",
+    )
 
 
 _BRIDGED = (".keras", ".h5", ".hdf5", ".onnx")
@@ -57,14 +72,37 @@ class MemberSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = None
-    checkpoint: str
-    architecture: str | None = None
-    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
-    labels: list[str] | str
-    preprocessing: PreprocessingSpec | None = None
-    head: str | None = None
-    output: str | None = None
+    name: str | None = Field(
+        default=None, description="the member's name (unique in the recipe); null: the file's stem"
+    )
+    checkpoint: str = Field(
+        description="safetensors or `.pt`/`.pth` weights (read with `weights_only=True`), or a "
+        "Keras (`.keras`, `.h5`) or ONNX (`.onnx`) file; relative to the recipe"
+    )
+    architecture: str | None = Field(
+        default=None,
+        description="what reads the checkpoint: `torchvision:NAME` (or just NAME), `timm:NAME` "
+        "or `package.module:callable`; required unless Keras or ONNX",
+    )
+    architecture_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the architecture's builder"
+    )
+    labels: list[str] | str = Field(
+        description="the label names in output order, or a file with one label per line"
+    )
+    preprocessing: PreprocessingSpec | None = Field(
+        default=None,
+        description="the member's input; required unless Keras or ONNX (whose file gives the "
+        "input shape)",
+    )
+    head: str | None = Field(
+        default=None,
+        description="the qualified name of the classification head (an `nn.Linear`); null: "
+        "found from the graph",
+    )
+    output: str | None = Field(
+        default=None, description="the output of a multi-output Keras model this member is"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MemberSpec:
@@ -85,13 +123,35 @@ class MergeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str
-    base: str | None = None  # checkpoint of the common base (task-vector kernels)
-    weights: list[float] | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    align: Literal["auto", "weight", "activation", "none"] = "auto"
-    layers: int | None = None  # zipit: zip the first n weighted layers only
-    alpha: float = 0.5  # zipit: share of within-model pairs
+    method: str = Field(description="the weight-merging kernel, or `zipit` (ZipIt!)")
+    base: str | None = Field(
+        default=None,
+        description="checkpoint of the common base the members were fine-tuned from (needed "
+        "by the task-vector kernels)",
+    )
+    weights: list[float] | None = Field(
+        default=None, description="one weight per member; null: equal weights"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the kernel's parameters (`density`, `lambda`, ...: `netmeld methods` "
+        "lists them with their defaults)",
+    )
+    align: Literal["auto", "weight", "activation", "none"] = Field(
+        default="auto",
+        description="permute members onto the first before merging: weight matching (no "
+        "data), activation matching (data), none, or auto (weight matching when the bodies "
+        "look independently initialised and no base is given)",
+    )
+    layers: int | None = Field(
+        default=None,
+        description="zipit: zip only the first n weighted layers, run the rest per member; "
+        "null: all but the heads",
+    )
+    alpha: float = Field(
+        default=0.5,
+        description="zipit: the share of a layer's units that may pair within one model",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
@@ -118,14 +178,33 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    members: list[MemberSpec] = Field(min_length=1)
-    method: str = "concat"
-    params: dict[str, Any] = Field(default_factory=dict)
-    data: str | None = None
-    input_shape: tuple[int, ...] | None = None
-    feature_names: list[str] | None = None
-    seed: int = 0
-    merge: MergeSpec | None = None
+    members: list[MemberSpec] = Field(min_length=1, description="the members to combine")
+    method: str = Field(default="concat", description="how the members are combined")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the method's parameters (`netmeld methods` lists them with their defaults)",
+    )
+    data: str | None = Field(
+        default=None,
+        description="a folder of images (one subfolder per label, or unlabeled images) or a "
+        "`.csv` table with a `label` column; required by methods that need data",
+    )
+    input_shape: tuple[int, ...] | None = Field(
+        default=None,
+        description="the combined model's input shape; each member's input is resized to its "
+        "own; null: the members' common shape",
+    )
+    feature_names: list[str] | None = Field(
+        default=None,
+        description="the order of the combined input's columns (members that read table "
+        "columns); null: the members' columns in order of appearance",
+    )
+    seed: int = Field(default=0, description="random seed of the fit")
+    merge: MergeSpec | None = Field(
+        default=None,
+        description="merge the members' bodies in weight space first; `method` then combines "
+        "the kept heads",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -32,9 +32,16 @@ class StudentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    architecture: str
-    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
-    preprocessing: PreprocessingSpec | None = None  # default: the first teacher's
+    architecture: str = Field(
+        description="the student's builder, as a member's `architecture`; built with one "
+        "output per union label"
+    )
+    architecture_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the builder"
+    )
+    preprocessing: PreprocessingSpec | None = Field(
+        default=None, description="the student's input; null: the first teacher's"
+    )
 
 
 class ScheduleSpec(BaseModel):
@@ -44,11 +51,11 @@ class ScheduleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int = 0
+    epochs: int = Field(description="passes over the data")
+    batch_size: int = Field(description="examples per step (the global batch under DDP)")
+    lr: float = Field(description="the peak learning rate (AdamW, cosine decay)")
+    weight_decay: float = Field(description="AdamW's weight decay")
+    warmup_steps: int = Field(default=0, description="steps of linear warm-up to `lr`")
 
     def config(self, seed: int, checkpoint_dir: str | None, resume: bool) -> Any:
         """The engine's :class:`~netmeld.engine.TrainConfig` for this schedule."""
@@ -69,19 +76,33 @@ class ScheduleSpec(BaseModel):
 class DistillSchedule(ScheduleSpec):
     """``netmeld distill``'s schedule, defaulting to :data:`netmeld.methods.distill.SCHEDULE`."""
 
-    epochs: int = DISTILL_SCHEDULE.epochs
-    batch_size: int = DISTILL_SCHEDULE.batch_size
-    lr: float = DISTILL_SCHEDULE.lr
-    weight_decay: float = DISTILL_SCHEDULE.weight_decay
+    epochs: int = Field(default=DISTILL_SCHEDULE.epochs, description="passes over the data")
+    batch_size: int = Field(
+        default=DISTILL_SCHEDULE.batch_size,
+        description="examples per step (the global batch under DDP)",
+    )
+    lr: float = Field(
+        default=DISTILL_SCHEDULE.lr, description="the peak learning rate (AdamW, cosine decay)"
+    )
+    weight_decay: float = Field(
+        default=DISTILL_SCHEDULE.weight_decay, description="AdamW's weight decay"
+    )
 
 
 class TrainSchedule(ScheduleSpec):
     """``netmeld train``'s schedule, defaulting to the fusion trainer's (``netmeld.train``)."""
 
-    epochs: int = TRAIN_SCHEDULE.epochs
-    batch_size: int = TRAIN_SCHEDULE.batch_size
-    lr: float = TRAIN_SCHEDULE.lr
-    weight_decay: float = TRAIN_SCHEDULE.weight_decay
+    epochs: int = Field(default=TRAIN_SCHEDULE.epochs, description="passes over the data")
+    batch_size: int = Field(
+        default=TRAIN_SCHEDULE.batch_size,
+        description="examples per step (the global batch under DDP)",
+    )
+    lr: float = Field(
+        default=TRAIN_SCHEDULE.lr, description="the peak learning rate (AdamW, cosine decay)"
+    )
+    weight_decay: float = Field(
+        default=TRAIN_SCHEDULE.weight_decay, description="AdamW's weight decay"
+    )
 
 
 class DistillRecipe(BaseModel):
@@ -90,19 +111,51 @@ class DistillRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    teachers: list[MemberSpec] | None = None
-    teacher: str | None = None  # a saved combined model instead of teachers
-    union: str = "concat"
-    union_params: dict[str, Any] = Field(default_factory=dict)
-    union_data: str | None = None  # data for a union method that needs labels
-    student: StudentSpec | None = None
-    init: Literal["member", "merge", "scratch"] = "member"
-    data: str | None = None
-    data_free: int | None = None
-    synthesis: dict[str, Any] = Field(default_factory=dict)
-    temperature: float = 4.0
-    schedule: DistillSchedule = Field(default_factory=DistillSchedule)
-    seed: int = 0
+    teachers: list[MemberSpec] | None = Field(
+        default=None, description="the teachers, as a meld recipe's members (or give `teacher`)"
+    )
+    teacher: str | None = Field(
+        default=None, description="a saved combined-model folder to distil instead of `teachers`"
+    )
+    union: str = Field(default="concat", description="how `teachers` are combined into the teacher")
+    union_params: dict[str, Any] = Field(
+        default_factory=dict, description="the union method's parameters"
+    )
+    union_data: str | None = Field(
+        default=None,
+        description="data for the union method (labeled, for a method that needs labels); "
+        "null: `data`",
+    )
+    student: StudentSpec | None = Field(
+        default=None,
+        description="the student; null: the first teacher's architecture with a new head over "
+        "the union",
+    )
+    init: Literal["member", "merge", "scratch"] = Field(
+        default="member",
+        description="the default student's start: the first teacher's weights, the teachers' "
+        "bodies merged in weight space, or fresh",
+    )
+    data: str | None = Field(
+        default=None,
+        description="unlabeled (or proxy) images the student learns the teacher's outputs on",
+    )
+    data_free: int | None = Field(
+        default=None,
+        description="without `data`: synthesize this many inputs from the teachers' BatchNorm "
+        "statistics (DeepInversion)",
+    )
+    synthesis: dict[str, Any] = Field(
+        default_factory=dict, description="options of the data-free synthesis"
+    )
+    temperature: float = Field(
+        default=4.0,
+        description="softens both distributions; the loss is T² · KL(teacher ‖ student)",
+    )
+    schedule: DistillSchedule = Field(
+        default_factory=DistillSchedule, description="the training schedule"
+    )
+    seed: int = Field(default=0, description="random seed")
 
     @model_validator(mode="after")
     def _check(self) -> DistillRecipe:
@@ -213,10 +266,21 @@ class PartSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = None
-    member: MemberSpec | None = None
-    architecture: str | None = None
-    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(
+        default=None,
+        description="the branch's name (for `freeze` and `inputs`); null: the member's name, "
+        "else `b0`, `b1`, ...",
+    )
+    member: MemberSpec | None = Field(
+        default=None, description="a trained member (its body, with its own preprocessing)"
+    )
+    architecture: str | None = Field(
+        default=None,
+        description="or a fresh architecture, as a member's `architecture` (head dropped)",
+    )
+    architecture_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the architecture's builder"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PartSpec:
@@ -236,27 +300,74 @@ class TrainRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    build: str  # one of FUSION_KINDS
-    branches: list[PartSpec] | None = None
-    first: PartSpec | None = None
-    second: PartSpec | None = None
-    trunk: PartSpec | None = None
-    labels: list[str] | str | None = None
-    fuse: str = FUSIONS[0]  # one of FUSIONS
-    dim: int | None = None
-    inputs: dict[str, list[int]] | None = None
-    cut: str | None = None
-    second_input_shape: tuple[int, ...] | None = None
-    adapt: Literal["auto", "none"] = "auto"
-    tasks: dict[str, list[str]] | None = None
-    weighting: str = WEIGHTINGS[0]  # one of WEIGHTINGS
-    loss_weights: dict[str, float] | None = None
-    alpha: float = 1.5
-    input_shape: tuple[int, ...] | None = None
-    freeze: list[str] = Field(default_factory=list)
-    data: str | dict[str, str]
-    schedule: TrainSchedule = Field(default_factory=TrainSchedule)
-    seed: int = 0
+    build: str = Field(description="the fusion architecture")
+    branches: list[PartSpec] | None = Field(
+        default=None, description="parallel: the branches, run side by side and fused"
+    )
+    first: PartSpec | None = Field(
+        default=None, description="hierarchical: the network whose features feed `second`"
+    )
+    second: PartSpec | None = Field(
+        default=None, description="hierarchical: the network that classifies `first`'s features"
+    )
+    trunk: PartSpec | None = Field(default=None, description="multitask: the shared trunk")
+    labels: list[str] | str | None = Field(
+        default=None,
+        description="parallel and hierarchical: the output labels, or a file with one per "
+        "line; null: the members' labels",
+    )
+    fuse: str = Field(
+        default=FUSIONS[0], description="parallel: how the branches' features are combined"
+    )
+    dim: int | None = Field(
+        default=None,
+        description="parallel: the width branches are projected to (sum, attention, gating); "
+        "null: the narrowest branch's",
+    )
+    inputs: dict[str, list[int]] | None = Field(
+        default=None,
+        description="parallel: per branch, the positions of the input's dimension 1 it reads "
+        "(table columns, image channels); null: all of it",
+    )
+    cut: str | None = Field(
+        default=None,
+        description="hierarchical: the submodule of `first` whose output feeds `second` (a "
+        "module torch.fx calls, e.g. `features.3`); null: the features feeding its head",
+    )
+    second_input_shape: tuple[int, ...] | None = Field(
+        default=None, description="hierarchical: what `second` reads; null: a member's input shape"
+    )
+    adapt: Literal["auto", "none"] = Field(
+        default="auto",
+        description="hierarchical: insert a 1x1 conv, a resize or a projection where the shapes "
+        "differ, or raise an error naming both",
+    )
+    tasks: dict[str, list[str]] | None = Field(
+        default=None, description="multitask: each task's labels (model labels are `task/label`)"
+    )
+    weighting: str = Field(
+        default=WEIGHTINGS[0], description="multitask: how the tasks' losses are weighted"
+    )
+    loss_weights: dict[str, float] | None = Field(
+        default=None,
+        description="multitask, fixed weighting: each task's weight; a task not named: 1",
+    )
+    alpha: float = Field(default=1.5, description="multitask, gradnorm: the restoring force α")
+    input_shape: tuple[int, ...] | None = Field(
+        default=None, description="the fused model's input shape; null: the members' common shape"
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parts (`a`, `first`, `trunk`) or blocks (`a.layer1`) not to train",
+    )
+    data: str | dict[str, str] = Field(
+        description="labeled data: a folder (one subfolder per label) or a `.csv`; multitask: a "
+        "mapping of each task to its own"
+    )
+    schedule: TrainSchedule = Field(
+        default_factory=TrainSchedule, description="the training schedule"
+    )
+    seed: int = Field(default=0, description="random seed")
 
     @model_validator(mode="after")
     def _check(self) -> TrainRecipe:
