@@ -276,6 +276,16 @@ class ShardedWriter:
                 f"writer: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the layout "
                 f"says {dtype} {shape}"
             )
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = tensor.numel() - int(finite.sum())
+                kind = str(tensor.dtype).removeprefix("torch.")
+                raise ModelFileError(
+                    f"writer: tensor {name!r} ({kind}) holds {bad} NaN or infinite value(s) of "
+                    f"{tensor.numel()}, e.g. values beyond {kind}'s range; nothing is written"
+                )
+            del finite
         shard = self._shard_of[name]
         if shard != self._shard:
             self._open_shard(shard)

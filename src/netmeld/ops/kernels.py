@@ -6,14 +6,20 @@ names beyond the optional ``key`` that seeds the random ones, so streaming and i
 call exactly the same code. :mod:`netmeld.ops.merge` registers them by name. Arithmetic follows
 mergekit's order of operations (stack, weight, sum, divide) so that results agree bit for bit
 where the method is the same.
+
+Every kernel computes in float32 (float64 when an input is float64) and casts the result back
+to its input's dtype, so float16 and bfloat16 tensors neither overflow nor lose ``eps`` half
+way. Inputs must be finite floating-point tensors and weights finite numbers; a result that is
+not finite, or does not fit the output dtype, is a :class:`MethodError`, never a tensor of
+NaN or Inf.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -24,6 +30,7 @@ Consensus = Literal["sum", "count"]
 __all__ = [
     "Consensus",
     "breadcrumbs",
+    "cast_finite",
     "dare",
     "fisher",
     "linear",
@@ -34,11 +41,106 @@ __all__ = [
 ]
 
 
-def _weights(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:
-    """The per-model weights as a ``(n, 1, ..., 1)`` tensor broadcasting over a stack of
-    ``tensors``, after checking their shapes agree and there is one weight per tensor."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compute_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise: the dtype kernels compute in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not tensor.is_floating_point():
+        raise MethodError(
+            f"{what} is {_dtype_name(tensor.dtype)}; the merging kernels merge floating-point "
+            "tensors only (merge_tensor copies integer and bool tensors every model shares)"
+        )
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = tensor.numel() - int(finite.sum())
+        raise MethodError(
+            f"{what} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+            "only finite tensors can be merged"
+        )
+
+
+def _check_inputs(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    extra: Sequence[torch.Tensor] = (),
+    extra_what: str = "",
+) -> None:
+    """Every input a finite floating-point tensor, each named by its model in an error."""
     if not tensors:
         raise MethodError("merging needs at least one tensor")
+    for i, t in enumerate(tensors):
+        _check_finite(t, f"model {i}'s tensor")
+    if base is not None:
+        _check_finite(base, "the base's tensor")
+    for i, t in enumerate(extra):
+        _check_finite(t, f"model {i}'s {extra_what}")
+
+
+def _number(value: Any, what: str) -> float:
+    """``value`` as a finite float; strings, bools, None and non-finite values are errors."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise MethodError(f"{what} must be a finite number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MethodError(f"{what} must be a finite number, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise MethodError(f"{what} must be a finite number, got {number}")
+    return number
+
+
+def _check_weights(weights: Sequence[float] | None, n: int, *, normalize: bool) -> list[float]:
+    """One finite weight per model (1 each by default), as floats; with ``normalize`` their
+    sum, which the kernel divides by, must not be 0 (nor cancel out to rounding noise)."""
+    if weights is None:
+        return [1.0] * n
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise MethodError(f"weights must be a list of {n} numbers, got {weights!r}")
+    values = [_number(w, f"weight {i}") for i, w in enumerate(weights)]
+    if len(values) != n:
+        raise MethodError(f"{len(values)} weights for {n} tensors")
+    if normalize:
+        total = math.fsum(values)
+        if abs(total) <= 1e-6 * math.fsum(abs(w) for w in values):
+            raise MethodError(
+                f"weights {values} sum to {total:g}, too close to 0 to normalise by "
+                "(the merge divides by their sum)"
+            )
+    return values
+
+
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` cast to ``dtype``; a non-finite value, or one beyond ``dtype``'s range, is
+    a :class:`MethodError` naming the dtype (a merge never returns NaN or Inf)."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = tensor.numel() - int(finite.sum())
+        raise MethodError(
+            f"the merge gives {bad} NaN or infinite value(s) in {_dtype_name(tensor.dtype)}: "
+            "the inputs, weights or parameters are too large"
+        )
+    del finite
+    out = tensor.to(dtype)
+    if out.dtype != tensor.dtype and out.is_floating_point():
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):
+            bad = out.numel() - int(finite.sum())
+            largest = float(tensor.abs().max())
+            raise MethodError(
+                f"the merged tensor does not fit in {_dtype_name(dtype)}: {bad} value(s) "
+                f"beyond its range (largest magnitude {largest:g}, "
+                f"{_dtype_name(dtype)} holds up to {torch.finfo(dtype).max:g})"
+            )
+    return out
+
+
+def _same_shapes(tensors: Sequence[torch.Tensor]) -> None:
     shape = tensors[0].shape
     for i, t in enumerate(tensors):
         if t.shape != shape:
@@ -46,19 +148,15 @@ def _weights(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None) -
                 f"tensor {i} has shape {tuple(t.shape)}, tensor 0 has {tuple(shape)}: "
                 "merged tensors must have the same shape"
             )
-    if weights is None:
-        weights = [1.0] * len(tensors)
-    if len(weights) != len(tensors):
-        raise MethodError(f"{len(weights)} weights for {len(tensors)} tensors")
-    w = torch.tensor(list(weights), dtype=tensors[0].dtype, device=tensors[0].device)
-    return w.reshape(-1, *([1] * len(shape)))
 
 
-def _stack_weights(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    w = _weights(tensors, weights)
-    return torch.stack(list(tensors), dim=0), w
+def _weights(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
+) -> torch.Tensor:
+    """The per-model weights as a ``(n, 1, ..., 1)`` tensor of ``dtype`` broadcasting over a
+    stack of ``tensors``."""
+    w = torch.tensor(list(weights), dtype=dtype, device=tensors[0].device)
+    return w.reshape(-1, *([1] * tensors[0].dim()))
 
 
 def linear(
@@ -71,39 +169,56 @@ def linear(
 
     With ``normalize`` the weights are divided by their sum, so equal weights give the mean.
     """
-    _weights(tensors, weights)  # checks shapes and counts
-    weights = [1.0] * len(tensors) if weights is None else list(weights)
+    _check_inputs(tensors)
+    _same_shapes(tensors)
+    weights = _check_weights(weights, len(tensors), normalize=normalize)
     first = tensors[0]
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(tensors)
     out = torch.zeros_like(first, dtype=dtype)
     for t, w in zip(tensors, weights, strict=True):
         out.addcmul_(t, torch.tensor(w, dtype=dtype))  # fused like mergekit, bit for bit
     if normalize:
         out.div_(torch.tensor(weights, dtype=dtype).sum())
-    return out.to(first.dtype)
+    return cast_finite(out, first.dtype)
+
+
+def _direction(v: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """``v`` scaled to unit length (rescaled first where its norm overflows)."""
+    if bool(torch.isfinite(norm)):
+        return v / norm.clamp_min(eps)
+    v = v / v.abs().max()
+    return v / v.norm()
 
 
 def slerp(
     a: torch.Tensor, b: torch.Tensor, t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
     """Spherical interpolation from ``a`` (``t=0``) to ``b`` (``t=1``) along the great circle of
-    their directions (Shoemake 1985); nearly parallel tensors are interpolated linearly."""
+    their directions (Shoemake 1985); nearly parallel tensors are interpolated linearly.
+
+    A tensor of norm at most ``eps`` has no direction: then the interpolation is linear too,
+    ``(1 - t) a + t b``."""
     if a.shape != b.shape:
         raise MethodError(f"slerp: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    _check_inputs([a, b])
+    t = _number(t, "slerp's 't'")
     v0 = a.double().flatten()
     v1 = b.double().flatten()
-    n0 = v0 / v0.norm().clamp_min(eps)
-    n1 = v1 / v1.norm().clamp_min(eps)
+    norm0, norm1 = v0.norm(), v1.norm()
+    if float(norm0) <= eps or float(norm1) <= eps:
+        return cast_finite(((1 - t) * v0 + t * v1).reshape(a.shape), a.dtype)
+    n0 = _direction(v0, norm0, eps)
+    n1 = _direction(v1, norm1, eps)
     dot = float((n0 * n1).sum())
-    if abs(dot) > dot_threshold:
+    theta0 = math.acos(max(-1.0, min(1.0, dot)))
+    sin0 = math.sin(theta0)
+    if abs(dot) > dot_threshold or sin0 < 1e-6:
         out = (1 - t) * v0 + t * v1
     else:
-        theta0 = math.acos(max(-1.0, min(1.0, dot)))
-        sin0 = math.sin(theta0)
         s0 = math.sin(theta0 - theta0 * t) / sin0
         s1 = math.sin(theta0 * t) / sin0
         out = s0 * v0 + s1 * v1
-    return out.reshape(a.shape).to(a.dtype)
+    return cast_finite(out.reshape(a.shape), a.dtype)
 
 
 def _generator(seed: int, key: str, index: int) -> torch.Generator:
@@ -165,9 +280,10 @@ def _sign_mask(weighted: torch.Tensor, consensus: Consensus) -> torch.Tensor:
 
 
 def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
+    """One value of ``what`` per model: a number for all, or a list of one each."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [_number(value, what)] * n
+    values = [_number(v, what) for v in value]
     if len(values) != n:
         raise MethodError(f"{len(values)} values of {what} for {n} models")
     return values
@@ -191,19 +307,26 @@ def _task_vectors(
     """``base`` plus the weighted task vectors ``t_i - base``, each first sparsified by
     ``kind`` (``none``, ``magnitude``: TIES' trim, ``random``: DARE's drop, ``outliers``:
     Breadcrumbs) to ``density``, then optionally sign-elected (``consensus``), normalised by
-    the weights that count and scaled by ``lambda_``."""
+    the weights that count and scaled by ``lambda_``. Computed in float32 (float64 when an
+    input is), the result in the base's dtype."""
+    _check_inputs(tensors, base)
     densities = _per_model(density, len(tensors), "density")
     gammas = _per_model(gamma, len(tensors), "gamma")
     for d in densities:
         if not 0 < d <= 1:
             raise MethodError(f"density must be in (0, 1], got {d}")
+    lambda_ = _number(lambda_, "lambda")
+    weights = _check_weights(weights, len(tensors), normalize=normalize)
     for i, t in enumerate(tensors):
         if t.shape != base.shape:
             raise MethodError(
                 f"tensor {i} has shape {tuple(t.shape)}, the base has {tuple(base.shape)}"
             )
+    out_dtype = base.dtype
+    dtype = _compute_dtype([base, *tensors])
+    base = base.to(dtype)
     # one (n, *shape) buffer, updated in place: memory stays a few times the tensor's size
-    stacked = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    stacked = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for i, t in enumerate(tensors):
         delta = stacked[i]
         torch.sub(t, base, out=delta)
@@ -212,7 +335,7 @@ def _task_vectors(
             if kind == "magnitude":
                 delta.mul_(_magnitude_mask(delta, density))
             elif kind == "random":
-                work = delta.float() if delta.dtype != torch.bfloat16 else delta
+                work = delta.float()
                 keep = torch.bernoulli(
                     torch.full(work.shape, density, dtype=work.dtype),
                     generator=_generator(seed, key, i),
@@ -225,27 +348,26 @@ def _task_vectors(
                 del work
             elif kind == "outliers":
                 delta.mul_(_outlier_mask(delta, density, gamma))
-    w = _weights(tensors, weights)
+    w = _weights(tensors, weights, dtype)
     weighted = stacked.mul_(w)
     if consensus is not None:
         keep_sign = _sign_mask(weighted, consensus)
-        divisor = torch.zeros(base.shape, dtype=base.dtype, device=base.device)
+        divisor = torch.zeros(base.shape, dtype=dtype, device=base.device)
         for i in range(len(tensors)):
-            divisor.add_(keep_sign[i].to(base.dtype) * w[i])
+            divisor.add_(keep_sign[i].to(dtype) * w[i])
         weighted.mul_(keep_sign)
         del keep_sign
         mixed = weighted.sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = w.sum(dim=0)  # not near 0 where it is used: _check_weights saw to that
     del stacked, weighted
     if normalize:
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
-    return (base + mixed).to(base.dtype)
+    return cast_finite(base + mixed, out_dtype)
 
 
 def task_arithmetic(
@@ -359,14 +481,35 @@ def fisher(
     model's diagonal Fisher information ``F_i`` (same shape as the tensor)."""
     if len(fishers) != len(tensors):
         raise MethodError(f"{len(fishers)} Fisher tensors for {len(tensors)} tensors")
-    stacked, w = _stack_weights(tensors, weights)
-    f, _ = _stack_weights(fishers, weights)
+    _check_inputs(tensors, extra=fishers, extra_what="Fisher information")
+    eps = _number(eps, "eps")
+    if eps < 0:
+        raise MethodError(f"eps must be >= 0, got {eps}")
+    weights = _check_weights(weights, len(tensors), normalize=True)
+    _same_shapes(tensors)
+    _same_shapes(fishers)
+    dtype = _compute_dtype([*tensors, *fishers])
+    stacked = torch.stack([t.to(dtype) for t in tensors], dim=0)
+    f = torch.stack([x.to(dtype) for x in fishers], dim=0)
+    w = _weights(tensors, weights, dtype)
     if f.shape != stacked.shape:
         raise MethodError(
             f"Fisher tensors have shape {tuple(f.shape[1:])}, tensors {tuple(stacked.shape[1:])}"
         )
     wf = w * f + eps
-    return (wf * stacked).sum(dim=0) / wf.sum(dim=0)
+    return cast_finite((wf * stacked).sum(dim=0) / wf.sum(dim=0), tensors[0].dtype)
+
+
+def _solve(den: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+    """``num @ den^-1``, solved as ``den W^T = num^T`` (``den`` is symmetric); least squares
+    where ``den`` is singular or the solve is not finite."""
+    try:
+        out = torch.linalg.solve(den, num.T).T
+        if bool(torch.isfinite(out).all()):
+            return out
+    except torch.linalg.LinAlgError:
+        pass
+    return torch.linalg.lstsq(den, num.T).solution.T
 
 
 def regmean(
@@ -383,13 +526,18 @@ def regmean(
     ``alpha=0`` is a per-input-feature weighted average)."""
     if len(grams) != len(tensors):
         raise MethodError(f"{len(grams)} Gram matrices for {len(tensors)} tensors")
+    alpha = _number(alpha, "alpha")
     if not 0 <= alpha <= 1:
         raise MethodError(f"alpha must be in [0, 1], got {alpha}")
+    _check_inputs(tensors, extra=grams, extra_what="Gram matrix")
+    _same_shapes(tensors)
+    if tensors[0].dim() == 0:
+        raise MethodError("regmean merges (out, in) weights, got a tensor of shape ()")
     dtype = tensors[0].dtype
     num = None
     den = None
     for i, (w, g) in enumerate(zip(tensors, grams, strict=True)):
-        w2 = w.double().reshape(w.shape[0], -1)
+        w2 = w.double().reshape(w.shape[0], math.prod(w.shape[1:]))
         if g.shape != (w2.shape[1], w2.shape[1]):
             raise MethodError(
                 f"Gram matrix {i} has shape {tuple(g.shape)}, expected {(w2.shape[1],) * 2} "
@@ -399,10 +547,6 @@ def regmean(
         g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
         num = w2 @ g if num is None else num + w2 @ g
         den = g if den is None else den + g
-    assert num is not None and den is not None
-    # W = num @ den^-1, solved as den W^T = num^T (den is symmetric); lstsq if it is singular
-    try:
-        out = torch.linalg.solve(den, num.T).T
-    except torch.linalg.LinAlgError:
-        out = torch.linalg.lstsq(den, num.T).solution.T
-    return out.reshape(tensors[0].shape).to(dtype)
+    if num is None or den is None:
+        raise MethodError("merging needs at least one tensor")
+    return cast_finite(_solve(den, num).reshape(tensors[0].shape), dtype)

@@ -5,8 +5,10 @@ how it is called; :func:`merge_tensor` calls one by name with checked parameters
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any, Literal
 
 import torch
@@ -15,6 +17,7 @@ from netmeld.errors import MethodError
 from netmeld.ops.kernels import (
     Consensus,
     breadcrumbs,
+    cast_finite,
     dare,
     fisher,
     linear,
@@ -229,16 +232,74 @@ def check_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
             f"its parameters are: {valid}"
         )
     out = {**kernel.defaults, **params}
-    if "density" in out:
-        for d in [out["density"]] if isinstance(out["density"], (int, float)) else out["density"]:
-            if not 0 < float(d) <= 1:
-                raise MethodError(f"merge method {name!r}: density must be in (0, 1], got {d}")
-    if "consensus" in out and out["consensus"] not in (None, "sum", "count"):
-        raise MethodError(
-            f"merge method {name!r}: consensus must be 'sum', 'count' or null, "
-            f"got {out['consensus']!r}"
-        )
+    for key, value in out.items():
+        _check_param(name, key, kernel.defaults[key], value)
     return out
+
+
+# (low, high, low inclusive, high inclusive) of the parameters with a range
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "density": (0.0, 1.0, False, True),
+    "gamma": (0.0, 1.0, True, False),
+    "alpha": (0.0, 1.0, True, True),
+    "eps": (0.0, math.inf, True, False),
+}
+_PER_MODEL = ("density", "gamma")  # a number, or a list of one per model
+
+
+def _check_param(method: str, key: str, default: Any, value: Any) -> None:
+    """``value`` of parameter ``key`` is of its default's kind (a bool, an integer seed, a
+    finite number, or for per-model parameters a list of them) and in its range."""
+    shown = key.rstrip("_")
+    where = f"merge method {method!r}: {shown}"
+    if key == "consensus":
+        if value not in (None, "sum", "count"):
+            raise MethodError(f"{where} must be 'sum', 'count' or null, got {value!r}")
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise MethodError(f"{where} must be true or false, got {value!r}")
+        return
+    if key == "seed":
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise MethodError(f"{where} must be an integer, got {value!r}")
+        return
+    values = value if key in _PER_MODEL and isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)):
+            raise MethodError(f"{where} must be a finite number, got {v!r}")
+        if key in _RANGES:
+            low, high, low_in, high_in = _RANGES[key]
+            v = float(v)
+            if not ((low <= v if low_in else low < v) and (v <= high if high_in else v < high)):
+                interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                raise MethodError(f"{where} must be in {interval}, got {v:g}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _copy_shared(
+    key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None
+) -> torch.Tensor:
+    """An integer or bool tensor is not averaged: every model (and the base) must hold the same
+    values, which are returned (the base's, or the first model's)."""
+    inputs = [("the base", base)] if base is not None else []
+    inputs += [(f"model {i}", t) for i, t in enumerate(tensors)]
+    (ref_what, ref), *rest = inputs
+    for what, t in rest:
+        if t.dtype != ref.dtype or t.shape != ref.shape or not torch.equal(t, ref):
+            kind = (
+                f"is {_dtype_name(t.dtype)} in {what} and {_dtype_name(ref.dtype)} in {ref_what}"
+                if t.dtype != ref.dtype
+                else f"is {_dtype_name(t.dtype)} and differs between {ref_what} and {what}"
+            )
+            raise MethodError(
+                f"tensor {key!r} {kind}: integer and bool tensors are not merged "
+                "arithmetically, only copied when every model holds the same values"
+            )
+    return ref.clone()
 
 
 def merge_tensor(
@@ -250,11 +311,15 @@ def merge_tensor(
     params: Mapping[str, Any] | None = None,
     key: str = "",
     extra: Sequence[torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor with the kernel registered as ``name``.
 
-    ``key`` (the tensor's name) seeds DARE; ``extra`` holds the per-model Fisher diagonals or
-    Gram matrices that ``fisher`` and ``regmean`` need."""
+    ``key`` (the tensor's name) seeds DARE and is named in every error; ``extra`` holds the
+    per-model Fisher diagonals or Gram matrices that ``fisher`` and ``regmean`` need. The
+    result has the dtype of the base (or of the first model), or ``out_dtype`` for a
+    floating-point one; a value it cannot hold is an error. Integer and bool tensors are copied
+    when every input holds the same values, and an error otherwise."""
     kernel = get_kernel(name)
     p = check_params(name, params)
     if kernel.needs_base and base is None:
@@ -264,4 +329,16 @@ def merge_tensor(
             f"merge method {name!r} needs data: the models' "
             f"{'Fisher information' if kernel.needs == 'fisher' else 'input Gram matrices'}"
         )
-    return kernel.call(tensors, base, weights, p, key, extra)
+    inputs = [*tensors, *([] if base is None else [base])]
+    try:
+        if tensors and any(not t.is_floating_point() for t in inputs):
+            merged = _copy_shared(key, tensors, base)
+        else:
+            merged = kernel.call(tensors, base, weights, p, key, extra)
+        if out_dtype is None or not merged.is_floating_point():
+            return merged
+        return cast_finite(merged, out_dtype)
+    except MethodError as exc:
+        if not key or str(exc).startswith(f"tensor {key!r}"):
+            raise
+        raise MethodError(f"tensor {key!r}: {exc}") from exc
