@@ -59,54 +59,179 @@ class TensorInfo:
         return self.end - self.start
 
 
+MAX_HEADER = 100_000_000  # bytes, as the safetensors library allows
+
+
+class _BadJson(Exception):
+    """Raised from inside ``json.loads`` (a duplicate key, a NaN literal)."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadJson(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _constant(name: str) -> Any:
+    raise _BadJson(f"{name} is not JSON")
+
+
+def _json(raw: bytes) -> Any:
+    """Strict JSON from UTF-8 bytes: no duplicate keys, no NaN/Infinity literals."""
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_constant)
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the offset where its data begins."""
+    """A safetensors file's JSON header and the offset where its data begins; a header longer
+    than the file, or that is not a strict JSON object, is a :class:`CheckpointError`."""
+    where = repr(str(path))
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise CheckpointError(f"{str(path)!r} is not a safetensors file (too short)")
+                raise CheckpointError(f"{where} is not a safetensors file (too short)")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise CheckpointError(f"{str(path)!r} is not a safetensors file (bad header size)")
-            header = json.loads(f.read(length))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(path)!r}: cannot read a safetensors header ({exc})") from exc
+            if length > MAX_HEADER:
+                raise CheckpointError(f"{where} is not a safetensors file (bad header size)")
+            if 8 + length > size:
+                raise CheckpointError(
+                    f"{where}: the header claims {length} bytes, the file holds {size - 8} "
+                    "after the length (truncated or not a safetensors file)"
+                )
+            header = _json(f.read(length))
+    except (OSError, ValueError, RecursionError, _BadJson) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: cannot read a safetensors header ({exc})") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{str(path)!r}: the safetensors header is not a JSON object")
+        raise CheckpointError(f"{where}: the safetensors header is not a JSON object")
     return header, 8 + length
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(file: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
+    """One header entry checked: a known dtype, a shape of non-negative integers, and
+    ``[start, end]`` offsets inside the data holding exactly shape x dtype bytes."""
+    where = f"{str(file)!r}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(
+            f"{where}: expected an object with dtype, shape and data_offsets, got "
+            f"{type(entry).__name__}"
+        )
+    code = entry.get("dtype")
+    if not isinstance(code, str) or code not in DTYPES:
+        raise CheckpointError(f"{where} has dtype {code!r}; netmeld reads {', '.join(DTYPES)}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(
+            f"{where} has shape {shape!r}; expected a list of non-negative integers"
+        )
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise CheckpointError(
+            f"{where} has data_offsets {offsets!r}; expected [start, end], two byte counts"
+        )
+    start, end = offsets
+    if start > end:
+        raise CheckpointError(f"{where}: data_offsets [{start}, {end}] start after its end")
+    if end > data_size:
+        raise CheckpointError(
+            f"{where}: data_offsets [{start}, {end}] run past the end of the data "
+            f"({data_size} bytes)"
+        )
+    needed = _nbytes(DTYPES[code], shape)
+    if end - start != needed:
+        raise CheckpointError(
+            f"{where}: data_offsets [{start}, {end}] hold {end - start} bytes; shape "
+            f"{tuple(shape)} of {code} needs {needed}"
+        )
+    return TensorInfo(name, file, data_start + start, data_start + end, DTYPES[code], tuple(shape))
+
+
+def _check_overlaps(file: Path, infos: Sequence[TensorInfo]) -> None:
+    """No two tensors of one file share a byte (empty tensors occupy none)."""
+    last: TensorInfo | None = None  # of the tensors so far, the one ending last
+    for info in sorted((i for i in infos if i.nbytes), key=lambda i: (i.start, i.end)):
+        if last is not None and info.start < last.end:
+            raise CheckpointError(
+                f"{str(file)!r}: tensors {last.name!r} and {info.name!r} overlap (bytes "
+                f"{info.start}-{min(info.end, last.end)}); each tensor needs bytes of its own"
+            )
+        if last is None or info.end > last.end:
+            last = info
+
+
+def _metadata(file: Path, header: dict[str, Any]) -> dict[str, str]:
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{str(file)!r}: __metadata__ must map strings to strings, got {metadata!r:.80}"
+        )
+    return metadata
+
+
+def _inside(folder: Path, relative: str, where: str) -> Path:
+    """``folder / relative``, which must stay inside ``folder`` once symlinks are followed.
+    One exception: a Hugging Face hub cache, whose ``snapshots/<rev>/`` files are symlinks to
+    the repository's ``blobs/``."""
+    rel = Path(relative)
+    path = folder / rel
+    try:
+        root = folder.resolve()
+        real = path.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop, ...
+        raise CheckpointError(f"{where}: {relative!r} is not a usable file name ({exc})") from exc
+    hub_blobs = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if rel.is_absolute() or ".." in rel.parts or not (real.is_relative_to(root) or hub_blobs):
+        raise CheckpointError(
+            f"{where}: {relative!r} is outside the checkpoint folder {str(folder)!r} "
+            "(absolute, '..' or a symlink leading out); shards must lie inside it"
+        )
+    return path
+
+
 class CheckpointReader:
-    """The tensors of a checkpoint (file, folder, or sharded folder with an index)."""
+    """The tensors of a checkpoint (file, folder, or sharded folder with an index).
+
+    Every header is checked before any tensor is read: known dtypes, offsets inside the file
+    that hold exactly shape x dtype bytes and do not overlap, and (with an index) shards that
+    lie inside the folder and hold the tensors the index gives them. Anything else is a
+    :class:`CheckpointError` naming the file and tensor."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
+        self._index: dict[str, Path] = {}  # from an index file: each tensor's shard
+        self._index_file = self.path
         for file in self._files():
             header, data_start = read_header(file)
-            self.metadata.update(header.pop("__metadata__", None) or {})
+            data_size = file.stat().st_size - data_start
+            self.metadata.update(_metadata(file, header))
+            infos = []
             for name, entry in header.items():
                 if name in self.tensors:
                     raise CheckpointError(
                         f"{str(self.path)!r}: tensor {name!r} is in two shards "
                         f"({self.tensors[name].file.name} and {file.name})"
                     )
-                code = entry.get("dtype")
-                if code not in DTYPES:
-                    raise CheckpointError(
-                        f"{str(file)!r}: tensor {name!r} has dtype {code!r}; netmeld reads "
-                        f"{', '.join(DTYPES)}"
-                    )
-                start, end = entry["data_offsets"]
-                self.tensors[name] = TensorInfo(
-                    name,
-                    file,
-                    data_start + start,
-                    data_start + end,
-                    DTYPES[code],
-                    tuple(entry["shape"]),
+                infos.append(_tensor_info(file, name, entry, data_start, data_size))
+            _check_overlaps(file, infos)
+            self.tensors.update((info.name, info) for info in infos)
+        for name, file in self._index.items():
+            if name not in self.tensors or self.tensors[name].file != file:
+                raise CheckpointError(
+                    f"{str(self._index_file)!r}: tensor {name!r} is in {file.name!r}, says the "
+                    "index, but that shard does not hold it"
                 )
 
     def _files(self) -> list[Path]:
@@ -117,23 +242,39 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if indexes:
-            try:
-                weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(
-                    f"{str(indexes[0])!r} is not a safetensors index with a weight_map"
-                ) from exc
-            files = [p / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{str(indexes[0])!r} names shard {missing[0].name!r}, which is missing"
-                )
-            return files
+            return self._indexed(p, indexes[0])
         files = sorted(p.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{str(p)!r} holds no .safetensors file")
-        return files
+        return [_inside(p, f.name, f"{str(f)!r}") for f in files]
+
+    def _indexed(self, folder: Path, index: Path) -> list[Path]:
+        """The shards a ``*.safetensors.index.json`` names, each inside ``folder``."""
+        self._index_file = index
+        where = repr(str(index))
+        _inside(folder, index.name, where)
+        try:
+            content = _json(index.read_bytes())
+        except (OSError, ValueError, RecursionError, _BadJson) as exc:
+            raise CheckpointError(f"{where}: cannot read the safetensors index ({exc})") from exc
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{where} is not a safetensors index: expected a weight_map of tensor names "
+                "to shard files"
+            )
+        files: dict[str, Path] = {}
+        for name, shard in weight_map.items():
+            if shard not in files:
+                files[shard] = _inside(folder, shard, f"{where}: tensor {name!r}")
+                if not files[shard].is_file():
+                    raise CheckpointError(
+                        f"{where}: tensor {name!r} is in shard {shard!r}, which is missing"
+                    )
+            self._index[name] = files[shard]
+        return list(files.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -155,21 +296,34 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (a private copy) through a memory map of its bytes only."""
-        info = self.tensors[name]
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         page = mmap.ALLOCATIONGRANULARITY
         offset = info.start - info.start % page
-        with open(info.file, "rb") as f:
-            mm = mmap.mmap(f.fileno(), info.end - offset, offset=offset, access=mmap.ACCESS_READ)
-            try:
-                raw = np.frombuffer(
-                    mm, dtype=np.uint8, count=info.nbytes, offset=info.start - offset
+        try:
+            with open(info.file, "rb") as f:
+                mm = mmap.mmap(
+                    f.fileno(), info.end - offset, offset=offset, access=mmap.ACCESS_READ
                 )
-                data = torch.from_numpy(raw.copy())
-                del raw
-            finally:
-                mm.close()
+                try:
+                    raw = np.frombuffer(
+                        mm, dtype=np.uint8, count=info.nbytes, offset=info.start - offset
+                    )
+                    data = torch.from_numpy(raw.copy())
+                    del raw
+                finally:
+                    mm.close()
+        except (OSError, ValueError) as exc:  # e.g. the file shrank since its header was read
+            raise CheckpointError(
+                f"{str(info.file)!r}: cannot read tensor {name!r} ({exc})"
+            ) from exc
+        if info.dtype == torch.bool and bool((data > 1).any()):
+            raise CheckpointError(
+                f"{str(info.file)!r}: tensor {name!r} is bool but holds bytes other than 0 and 1"
+            )
         return data.view(info.dtype).reshape(info.shape)
 
 
