@@ -50,3 +50,22 @@ def test_report_reads_as_one_line(digits2):
     text = str(report)
     assert text.startswith(f"concat: union accuracy {100 * report.union_accuracy:.1f}%")
     assert "m1 " in text and "task confusion" in text and "\n" not in text
+
+
+def test_evaluation_builds_no_autograd_graph(digits2, monkeypatch):
+    import sys
+
+    ev = sys.modules["netmeld.evaluate"]  # the module (netmeld.evaluate is the function)
+    model = netmeld.meld(digits2.members, "concat")
+    for p in model.parameters():
+        p.requires_grad_(True)  # as a user fine-tuning it would leave it
+    seen = []
+    real = ev.metrics_from_logits
+
+    def spy(name, logits, *args, **kwargs):
+        seen.append(logits.requires_grad)
+        return real(name, logits, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "metrics_from_logits", spy)
+    netmeld.evaluate(model, (digits2.test[0][:64], digits2.test[1][:64]), latency=False)
+    assert seen == [False]

@@ -142,7 +142,6 @@ def measure_latency(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 
     return statistics.median(times)
 
 
-@torch.no_grad()
 def _evaluation_data(data: Any, model: CombinedModel, progress: bool | None) -> Data:
     """Labeled evaluation data in ``model``'s input shape (and table columns)."""
     return load_data(
@@ -155,6 +154,7 @@ def _evaluation_data(data: Any, model: CombinedModel, progress: bool | None) -> 
     )
 
 
+@torch.no_grad()
 def evaluate(
     model: CombinedModel,
     data: Any,
