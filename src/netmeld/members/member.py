@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from netmeld.io.checkpoint_merge import diff_tensors
 from netmeld.members.trust import check_builder
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+MAX_INPUT_NUMBERS = 2**28  # one input of a member: at most this many numbers (1 GiB)
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,10 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.input_shape)
-        if not shape or any(s <= 0 for s in shape):
+        if not shape or any(s <= 0 for s in shape) or math.prod(shape) > MAX_INPUT_NUMBERS:
             raise MemberError(
                 f"preprocessing: input_shape must be positive sizes like (3, 224, 224) or (F,), "
-                f"got {self.input_shape!r}"
+                f"at most {MAX_INPUT_NUMBERS:,} numbers per input, got {self.input_shape!r}"
             )
         object.__setattr__(self, "input_shape", shape)
         channels = shape[0]
@@ -69,6 +73,8 @@ class Preprocessing:
                     f"preprocessing: {what} has {len(value)} values, expected 1 or {channels} "
                     f"(one per channel of input_shape {shape})"
                 )
+            if not all(math.isfinite(v) for v in value):
+                raise MemberError(f"preprocessing: {what} must be finite numbers, got {value}")
             if what == "std" and any(v <= 0 for v in value):
                 raise MemberError(f"preprocessing: std must be positive, got {value}")
             object.__setattr__(self, what, value)

@@ -9,14 +9,24 @@ version-1 folder maps the old paths through :data:`BUILDER_ALIASES`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from netmeld.errors import DataError, ModelFileError
+from netmeld.errors import (
+    DataError,
+    IncompatibleMembersError,
+    LabelError,
+    MemberError,
+    ModelFileError,
+    NetmeldError,
+    validation_problems,
+)
 from netmeld.members.graph import Group
-from netmeld.members.member import Architecture, Member, Preprocessing
+from netmeld.members.member import MAX_INPUT_NUMBERS, Architecture, Member, Preprocessing
 from netmeld.members.trust import reading_files
 from netmeld.model.combined import (
     CONFIG_FILE,
@@ -52,83 +62,294 @@ def load(path: str | Path, *, trust_code: bool = False) -> CombinedModel:
         return _load(Path(path))
 
 
+MAX_CONFIG_BYTES = 256 * 2**20  # a netmeld.json larger than this is refused unread
+
+
+class _ArchitectureEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class _MemberEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    labels: list[str] = Field(min_length=1)
+    architecture: _ArchitectureEntry
+    preprocessing: dict[str, Any]
+    head: str | None = None
+
+
+class _GroupEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[str] = Field(min_length=1)
+    cut: int | None = Field(default=None, ge=0)
+
+
+class _UnionEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    router_dim: int | None = Field(default=None, gt=0)
+    router_source: Literal["features", "input"] = "features"
+    scale: list[float] = Field(default_factory=list)
+    offset: list[float] = Field(default_factory=list)
+
+
+class _CombinerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class SavedConfig(BaseModel):
+    """The schema of ``netmeld.json``: checked whole before anything is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["netmeld"]
+    format_version: int
+    netmeld_version: str | None = None
+    input_shape: list[int] = Field(min_length=1)
+    labels: list[str] = Field(default_factory=list)
+    label_members: dict[str, list[str]] = Field(default_factory=dict)
+    members: list[_MemberEntry] = Field(min_length=1)
+    plan: list[_GroupEntry]
+    feature_names: list[str] | None = None
+    union: _UnionEntry = Field(default_factory=_UnionEntry)
+    combiner: _CombinerEntry | None = None
+    extension: dict[str, Any] | None = None
+    method: dict[str, Any] = Field(default_factory=dict)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def read_config(config_path: Path) -> SavedConfig:
+    """``netmeld.json`` parsed and checked against :class:`SavedConfig`; every problem a
+    :class:`ModelFileError` naming the file and the key."""
+    where = repr(str(config_path))
+    if not config_path.is_file():
+        raise ModelFileError(
+            f"{str(config_path.parent)!r} is not a netmeld model folder (no {CONFIG_FILE})"
+        )
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelFileError(
+            f"{where} is {size:,} bytes; a netmeld.json is at most {MAX_CONFIG_BYTES:,}"
+        )
+    try:
+        raw = json.loads(config_path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"{where} is not UTF-8 text: {exc}") from exc
+    except RecursionError as exc:
+        raise ModelFileError(f"{where} is nested too deeply to be a netmeld.json") from exc
+    except ValueError as exc:  # JSONDecodeError and the refused constants
+        raise ModelFileError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != "netmeld" or raw.get("format_version") not in READABLE_VERSIONS:
+        raise ModelFileError(
+            f"{where}: format {raw.get('format')!r} version "
+            f"{raw.get('format_version')!r}, expected netmeld version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}"
+        )
+    try:
+        config = SavedConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelFileError(f"{where}: {validation_problems(exc)}") from exc
+    if any(n <= 0 for n in config.input_shape) or math.prod(config.input_shape) > MAX_INPUT_NUMBERS:
+        raise ModelFileError(
+            f"{where}: input_shape {config.input_shape}: expected positive sizes, at most "
+            f"{MAX_INPUT_NUMBERS:,} numbers per input"
+        )
+    names = [m.name for m in config.members]
+    if len(set(names)) != len(names):
+        raise ModelFileError(f"{where}: two members are named alike in {names}")
+    for i, group in enumerate(config.plan):
+        unknown = sorted(set(group.members) - set(names))
+        if unknown:
+            raise ModelFileError(f"{where}: plan[{i}] names unknown members {unknown}")
+    return config
+
+
+def _tensor_headers(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of a safetensors file, read from its header only."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights_path.is_file():
+        raise ModelFileError(f"{str(weights_path.parent)!r}: {WEIGHTS_FILE} is missing")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            return {k: (tuple(v.get_shape()), v.get_dtype()) for k, v in slices.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{str(weights_path)!r}: not a readable safetensors file ({exc})"
+        ) from exc
+
+
+def _bounded(value: Any, limit: int, where: str) -> None:
+    """Every integer in ``value`` (a saved setting that sizes a layer) is at most ``limit``:
+    the file's tensors hold that many numbers, and no layer can be wider than all of them."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if value > limit:
+            raise ModelFileError(
+                f"{where}: size {value:,} is larger than all the saved tensors together "
+                f"({limit:,} numbers); refusing to allocate it"
+            )
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _bounded(v, limit, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _bounded(v, limit, f"{where}[{i}]")
+
+
+def _build_member(spec: _MemberEntry, numbers: int, where: str) -> Member:
+    """A member rebuilt from its entry; its architecture is first built on the ``meta`` device
+    (no memory) and refused when it needs more numbers than the file holds."""
+    try:
+        arch = Architecture(current_spec(spec.architecture.spec), spec.architecture.kwargs)
+        try:
+            with torch.device("meta"):
+                probe = arch.build(num_classes=len(spec.labels))
+            needed = sum(t.numel() for t in probe.state_dict().values())
+        except NetmeldError:
+            raise
+        except Exception:  # a builder that cannot run on meta: its size comes from the JSON
+            needed = 0
+        if needed > numbers:
+            raise ModelFileError(
+                f"architecture {arch.spec} with {dict(arch.kwargs)} has {needed:,} numbers, "
+                f"the saved tensors only {numbers:,}; refusing to build it"
+            )
+        try:
+            preprocessing = Preprocessing.from_dict(spec.preprocessing)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"bad preprocessing {spec.preprocessing}: {exc}") from exc
+        try:
+            module = arch.build(num_classes=len(spec.labels))
+        except NetmeldError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(
+                f"architecture {arch.spec} with {dict(arch.kwargs)} failed to build: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return Member(
+            module,
+            spec.labels,
+            name=spec.name,
+            preprocessing=preprocessing,
+            architecture=arch,
+            head=spec.head,
+        )
+    except (MemberError, ModelFileError) as exc:
+        raise ModelFileError(f"{where}: member {spec.name!r}: {exc}") from exc
+
+
 def _load(path: Path) -> CombinedModel:
     from safetensors.torch import load_file
 
     config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelFileError(f"{str(path)!r} is not a netmeld model folder (no {CONFIG_FILE})")
+    config = read_config(config_path)
+    where = repr(str(config_path))
+    weights_path = path / WEIGHTS_FILE
+    headers = _tensor_headers(weights_path)
+    numbers = sum(math.prod(shape) for shape, _ in headers.values())
+    for key in ("combiner", "extension"):
+        _bounded(getattr(config, key) and config.model_dump()[key], numbers, f"{where}: {key}")
+    _bounded(config.union.router_dim, numbers, f"{where}: union.router_dim")
+    members = [_build_member(spec, numbers, where) for spec in config.members]
+    plan = [Group(tuple(g.members), g.cut) for g in config.plan]
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{str(config_path)!r} is not valid JSON: {exc}") from exc
-    if config.get("format") != "netmeld" or config.get("format_version") not in READABLE_VERSIONS:
-        raise ModelFileError(
-            f"{str(config_path)!r}: format {config.get('format')!r} version "
-            f"{config.get('format_version')!r}, expected netmeld version "
-            f"{' or '.join(map(str, READABLE_VERSIONS))}"
+        model = CombinedModel(
+            members, input_shape=config.input_shape, plan=plan, feature_names=config.feature_names
         )
-    members = []
-    for spec in config["members"]:
-        arch = Architecture(
-            current_spec(spec["architecture"]["spec"]), spec["architecture"]["kwargs"]
-        )
-        module = arch.build(num_classes=len(spec["labels"]))
-        members.append(
-            Member(
-                module,
-                spec["labels"],
-                name=spec["name"],
-                preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
-                architecture=arch,
-                head=spec["head"],
-            )
-        )
-    plan = [Group(tuple(g["members"]), g["cut"]) for g in config["plan"]]
-    model = CombinedModel(
-        members,
-        input_shape=config["input_shape"],
-        plan=plan,
-        feature_names=config.get("feature_names"),
-    )
-    if config["union"].get("router_dim") is not None:
-        model.union.add_router(
-            int(config["union"]["router_dim"]), config["union"].get("router_source", "features")
-        )
-    if config.get("combiner"):
-        spec = config["combiner"]
+    except (MemberError, DataError, IncompatibleMembersError, LabelError) as exc:
+        raise ModelFileError(f"{where}: {exc}") from exc
+    if config.union.router_dim is not None:
+        model.union.add_router(config.union.router_dim, config.union.router_source)
+    if config.combiner is not None:
         model.set_combiner(
             combiner_from_config(
-                spec["kind"], spec["config"], [m.labels for m in members], model.union_labels
+                config.combiner.kind,
+                config.combiner.config,
+                [m.labels for m in members],
+                model.union_labels,
             )
         )
-    if config.get("extension"):
+    if config.extension is not None:
         try:
-            extension = Extension(**config["extension"])
-        except TypeError as exc:
-            raise ModelFileError(f"{str(config_path)!r}: bad extension settings: {exc}") from exc
+            extension = Extension(**config.extension)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{where}: bad extension settings: {exc}") from exc
         model.set_extension(extension)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{str(path)!r}: {WEIGHTS_FILE} is missing")
+    _check_tensors(weights_path, headers, _unique_state(model))
     tensors = load_file(str(weights_path))
     expected = _unique_state(model)
-    for key, value in expected.items():
-        if key not in tensors:
-            raise ModelFileError(f"{str(weights_path)!r}: tensor {key!r} is missing")
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise ModelFileError(
-                f"{str(weights_path)!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                f"expected {tuple(value.shape)}"
-            )
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise ModelFileError(f"{str(weights_path)!r}: unexpected tensor {extra[0]!r}")
+    for key, value in tensors.items():
+        _check_values(weights_path, key, value)
     with torch.no_grad():
         for key, value in expected.items():
             value.copy_(tensors[key])
-    model.method = dict(config.get("method", {}))
+    model.method = dict(config.method)
     return model.eval()
+
+
+def _check_tensors(
+    weights_path: Path,
+    headers: dict[str, tuple[tuple[int, ...], str]],
+    expected: dict[str, torch.Tensor],
+) -> None:
+    """The file holds exactly the model's tensors, each of its shape and dtype."""
+    where = repr(str(weights_path))
+    for key, value in expected.items():
+        if key not in headers:
+            raise ModelFileError(f"{where}: tensor {key!r} is missing")
+        shape, dtype = headers[key]
+        if shape != tuple(value.shape):
+            raise ModelFileError(
+                f"{where}: tensor {key!r} has shape {shape}, expected {tuple(value.shape)}"
+            )
+        want = _SAFETENSORS_DTYPES.get(value.dtype)
+        if dtype != want:
+            raise ModelFileError(f"{where}: tensor {key!r} is {dtype}, expected {want}")
+    extra = sorted(set(headers) - set(expected))
+    if extra:
+        raise ModelFileError(f"{where}: unexpected tensor {extra[0]!r}")
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _check_values(weights_path: Path, key: str, value: torch.Tensor) -> None:
+    """Saved numbers are finite, and BatchNorm variances are not negative."""
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        raise ModelFileError(
+            f"{str(weights_path)!r}: tensor {key!r} holds {bad} non-finite values (NaN or Inf)"
+        )
+    if key.endswith("running_var") and (value < 0).any():
+        raise ModelFileError(f"{str(weights_path)!r}: tensor {key!r} has negative variances")
 
 
 EXPORT_FORMATS = ("onnx",)

@@ -37,6 +37,7 @@ from netmeld.errors import (
     LabelError,
     MethodError,
     ModelFileError,
+    NetmeldError,
 )
 from netmeld.members.graph import (
     CapturedBody,
@@ -519,6 +520,8 @@ class CombinedModel(nn.Module):
                 f"{str(path)!r} exists and is not a netmeld model folder; refusing to replace it"
             )
         config = self.config()
+        for member in self.members:
+            _check_rebuilds(member)
         tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(self).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -530,6 +533,53 @@ class CombinedModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+
+def _check_rebuilds(member: Member) -> None:
+    """What is saved opens: ``member``'s architecture builds a module that takes its tensors
+    and gives its outputs on a probe batch; otherwise the save is refused with the reason, before
+    anything is written."""
+    assert member.architecture is not None
+    what = f"member {member.name!r}: its architecture {member.architecture.spec!r}"
+    try:
+        rebuilt = member.architecture.build(num_classes=len(member.labels))
+    except NetmeldError as exc:
+        raise ModelFileError(
+            f"{what} cannot be rebuilt, so the saved model would not open: {exc}"
+        ) from exc
+    state = member.module.state_dict()
+    try:
+        rebuilt.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(
+            f"{what} with {dict(member.architecture.kwargs)} builds a module whose tensors differ "
+            f"from the member's ({first}); pass the architecture_kwargs that made it"
+        ) from exc
+    device = next((t.device for t in state.values()), torch.device("cpu"))
+    rebuilt.to(device)
+    probe = torch.randn(
+        2, *member.preprocessing.input_shape, generator=torch.Generator().manual_seed(0)
+    ).to(device)
+    was_training = member.module.training
+    member.module.eval()
+    rebuilt.eval()
+    try:
+        with torch.no_grad():
+            ours, theirs = member.module(probe), rebuilt(probe)
+    except Exception:  # a module that cannot run on random inputs: its tensors matched
+        return
+    finally:
+        member.module.train(was_training)
+    if (
+        isinstance(ours, torch.Tensor)
+        and isinstance(theirs, torch.Tensor)
+        and (ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4))
+    ):
+        raise ModelFileError(
+            f"{what} rebuilt with the member's tensors gives other outputs on a probe batch; the "
+            "module holds state outside its tensors, so it cannot be saved without pickle"
+        )
 
 
 def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
