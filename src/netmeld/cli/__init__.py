@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from netmeld.cli.parser import build_parser
 from netmeld.errors import NetmeldError
+from netmeld.members.trust import trusting
 
 _errors = Console(stderr=True, width=120)
 
@@ -33,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         warnings.showwarning = _show_warning
     try:
-        return int(args.func(args))
+        with trusting(getattr(args, "trust_code", False)):
+            return int(args.func(args))
     except KeyboardInterrupt:
         _errors.print("interrupted")
         return 130
@@ -43,9 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, NetmeldError):
             _errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             return 2
+        if isinstance(exc, OSError):  # disk full, permissions, a vanished file: the system's words
+            where = f" ({exc.filename})" if exc.filename else ""
+            _errors.print(
+                f"[red]error:[/red] {escape(str(exc.strerror or exc))}{escape(where)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 2
         _errors.print(
-            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
-            "(run with --debug for the traceback)",
+            f"[red]error:[/red] unexpected failure: {escape(str(exc))} (a bug in netmeld: "
+            "run with --debug for the traceback and please report it)",
             highlight=False,
             soft_wrap=True,
         )

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from netmeld.errors import NetmeldError
+from netmeld.members.trust import reading_files
 
 console = Console(width=120)
 
@@ -89,7 +90,8 @@ def cmd_meld(args: argparse.Namespace) -> int:
     from netmeld.cli.recipes import run_recipe
 
     out = _output(args)
-    model = run_recipe(args.recipe)
+    with reading_files(f"recipe {args.recipe!r}"):
+        model = run_recipe(args.recipe)
     model.save(out, overwrite=args.overwrite)
     console.print(
         f"saved {len(model.labels)} labels from {len(model.members)} members "
@@ -123,7 +125,8 @@ def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
     prints ``what(model)``."""
     out = _output(args)
     with _process_group() as rank:
-        model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        with reading_files(f"recipe {args.recipe!r}"):
+            model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         if rank == 0:
             model.save(out, overwrite=args.overwrite)
             console.print(f"{what(model)} and saved it to [bold]{out}[/bold]")

@@ -17,6 +17,7 @@ from typing import Any
 
 from netmeld.errors import MemberError
 from netmeld.members.member import Member
+from netmeld.members.trust import reading_files
 from netmeld.model.combined import CombinedModel
 
 Item = str | Path | Member | CombinedModel
@@ -64,8 +65,9 @@ def _inspect_members(
         if p.is_dir() and (p / CONFIG_FILE).is_file():
             members.extend(load(p).members)
         elif p.suffix in (".yaml", ".yml"):
-            recipe, base = read_recipe(p)
-            members.extend(recipe_members(recipe, base))
+            with reading_files(f"recipe {str(p)!r}"):
+                recipe, base = read_recipe(p)
+                members.extend(recipe_members(recipe, base))
         else:
             if arch is None:
                 raise MemberError(

@@ -22,6 +22,16 @@ def _training_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
+def _trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the model folders and recipes read run the architecture builders they name "
+        "even when netmeld does not know them (it imports and calls that code: only for files "
+        "from someone you trust; torchvision, timm and netmeld's own builders need no flag)",
+    )
+
+
 def _demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
@@ -59,6 +69,7 @@ def _meld(sub: Any) -> None:
     p.add_argument("recipe", help="the YAML recipe (members, method, params, data)")
     p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_meld)
 
 
@@ -78,6 +89,7 @@ def _distill(sub: Any) -> None:
         "student, data or data_free, temperature, schedule)",
     )
     _training_arguments(p, "the student")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_distill)
 
 
@@ -97,6 +109,7 @@ def _train(sub: Any) -> None:
         "freeze, data, schedule)",
     )
     _training_arguments(p, "the trained model")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_train)
 
 
@@ -112,6 +125,7 @@ def _export(sub: Any) -> None:
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -155,6 +169,7 @@ def _eval(sub: Any) -> None:
         help="batch size for evaluation and latency (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_eval)
 
 
@@ -204,6 +219,7 @@ def _extend(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_extend)
 
 
@@ -217,6 +233,7 @@ def _predict(sub: Any) -> None:
     p.add_argument("files", nargs="+", help="image files, or folders of images")
     p.add_argument("--top", type=int, default=3, help="labels to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_predict)
 
 
@@ -239,6 +256,7 @@ def _inspect(sub: Any) -> None:
         help="keyword arguments of the architecture, as JSON (default: {})",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _trust_argument(p)
     p.set_defaults(func=commands.cmd_inspect)
 
 

@@ -42,6 +42,9 @@ NETMELD_BUILDERS: frozenset[str] = frozenset(
 NAMED_SOURCES = ("torchvision", "timm")  # builders looked up in the library's own registry
 
 _registered: set[str] = set()
+_trust_all: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "netmeld_trust_code", default=False
+)
 _checking: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "netmeld_untrusted_source", default=None
 )
@@ -69,10 +72,22 @@ def reading_files(what: str, *, trust_code: bool = False) -> Iterator[None]:
         _checking.reset(token)
 
 
+@contextlib.contextmanager
+def trusting(trust: bool = True) -> Iterator[None]:
+    """Within this block every file read may run the builders it names (``--trust-code``: the
+    CLI wraps the whole command, so the folders and recipes it reads, however deep, are
+    trusted)."""
+    token = _trust_all.set(trust)
+    try:
+        yield
+    finally:
+        _trust_all.reset(token)
+
+
 def check_builder(spec: str) -> None:
     """Raise :class:`UntrustedCodeError` if a file being read names an untrusted builder."""
     what = _checking.get()
-    if what is None or is_trusted(spec):
+    if what is None or _trust_all.get() or is_trusted(spec):
         return
     raise UntrustedCodeError(
         f"{what} names the architecture builder {spec!r}, which netmeld does not run from a "
