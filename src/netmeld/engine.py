@@ -12,21 +12,28 @@ that ``resume=True`` continues from with nothing lost.
 Determinism: an epoch's order of examples comes from ``(seed, epoch)``, and the random state
 of the step (dropout, augmentation) is re-seeded from ``(seed, epoch, rank)`` at each epoch's
 start; the learning rate is a function of the step number. A resumed run therefore repeats
-exactly what the interrupted one would have done. With ``W`` processes, each global batch is
-split in ``W`` near-equal shares and each share's loss is weighted by its size, so the
-averaged gradient is the one-process gradient of the same global batch.
+exactly what the interrupted one would have done. The caller's random state is left as it was
+(:func:`seeded`: what netmeld builds or draws under a seed never moves the global generator).
+With ``W`` processes, each global batch is split in ``W`` near-equal shares and each share's
+loss is weighted by its size, so the averaged gradient is the one-process gradient of the same
+global batch.
 
 Checkpoints are a folder ``last/`` (``state.safetensors`` + ``state.json``: the model, the
-optimizer's tensors and the epoch; no pickle), replaced atomically at the end of each epoch.
+optimizer's tensors and the epoch, the run's settings, its trainable parameters and a
+fingerprint of its data; no pickle), replaced atomically at the end of each epoch. Resuming is
+explicit: ``resume=True`` with no checkpoint is an error, and so is a checkpoint that a run
+with other settings (:data:`RESUME_FIELDS`), another model or other data wrote. What a crash
+during the swap left is put right first (:mod:`netmeld._atomic`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +41,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from netmeld._atomic import swap_in
+from netmeld._atomic import make_temp, recover, swap_in
 from netmeld._progress import track
-from netmeld.errors import DataError, ModelFileError
+from netmeld.errors import CheckpointError, DataError
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[torch.Tensor], Any]
@@ -121,7 +128,84 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+# -- seeds ----------------------------------------------------------------------------------
+
+
+def _seed_now(seed: int, device: torch.device | None) -> None:
+    """Seed the global CPU generator (and ``device``'s, on GPU) only."""
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
+    """Run the block on the global generator seeded from ``seed`` (and ``device``'s, on GPU),
+    then give the caller's generator states back: what the block draws (fresh weights, dropout
+    masks) depends on ``seed`` alone, and the caller's random state is not disturbed."""
+    dev = torch.device(device) if device is not None else None
+    devices = []
+    if dev is not None and dev.type == "cuda":
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        _seed_now(seed, dev)
+        yield
+
+
 # -- checkpoints ----------------------------------------------------------------------------
+
+# What a resumed run must share with the run that wrote the checkpoint (the other settings say
+# where to write and how to compute, not what is computed).
+RESUME_FIELDS = (
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "schedule",
+    "warmup_steps",
+    "grad_clip",
+)
+
+
+def _hash_into(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.is_floating_point():  # recomputed targets may differ in their last bits
+            t = t.to(torch.bfloat16)
+        t = t.contiguous()
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (tuple, list)):
+        digest.update(b"(")
+        for item in obj:
+            _hash_into(digest, item)
+        digest.update(b")")
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            digest.update(str(key).encode())
+            _hash_into(digest, obj[key])
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        digest.update(repr(obj).encode())
+    else:
+        digest.update(type(obj).__name__.encode())
+
+
+def data_fingerprint(n_examples: int, batch: BatchFn) -> dict[str, Any]:
+    """What tells a run's data from other data cheaply: the number of examples and a hash of
+    the batch of (at most) 16 examples spread over them, built under a fixed seed (so random
+    augmentation draws the same each time); floating-point values count to bfloat16 precision,
+    so targets recomputed with other rounding (another thread count) still match."""
+    k = min(n_examples, 16)
+    idx = torch.linspace(0, n_examples - 1, k).round().long().unique()
+    with seeded(0):
+        sample = batch(idx)
+    digest = hashlib.sha256()
+    _hash_into(digest, sample)
+    return {"examples": n_examples, "sample_sha256": digest.hexdigest()}
 
 
 def save_checkpoint(
@@ -130,8 +214,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     config: TrainConfig,
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/last`` atomically: model and optimizer tensors, the finished epoch."""
+    """Write ``folder/last`` atomically: model and optimizer tensors, the finished epoch, the
+    run's configuration, the trainable parameters and the ``data`` fingerprint."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -148,10 +234,12 @@ def save_checkpoint(
     meta = {
         "epoch": epoch,
         "config": asdict(config),
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+        "data": None if data is None else dict(data),
         "param_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".last.", suffix=".tmp", dir=folder))
+    tmp = make_temp(folder / "last")
     try:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -162,21 +250,82 @@ def save_checkpoint(
     return folder / "last"
 
 
-def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore ``folder/last`` into ``model`` and ``optimizer``; return the finished epoch."""
+def _first(names: Sequence[str]) -> str:
+    return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def _differences(
+    meta: Mapping[str, Any],
+    model_state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    config: TrainConfig,
+    data: Mapping[str, Any] | None,
+) -> list[str]:
+    """How the run that wrote a checkpoint differs from this one, in words."""
+    problems = []
+    recorded, now = meta.get("config") or {}, asdict(config)
+    for key in RESUME_FIELDS:
+        if key in recorded and recorded[key] != now[key]:
+            problems.append(f"{key} {recorded[key]!r} (this run: {now[key]!r})")
+    mine = model.state_dict()
+    extra = sorted(set(model_state) - set(mine))
+    missing = sorted(set(mine) - set(model_state))
+    if missing:
+        problems.append(f"no tensor {_first(missing)} of this model")
+    if extra:
+        problems.append(f"tensor {_first(extra)} this model lacks")
+    for k in mine:
+        if k in model_state and tuple(model_state[k].shape) != tuple(mine[k].shape):
+            problems.append(
+                f"tensor {k!r} of shape {tuple(model_state[k].shape)} (this model: "
+                f"{tuple(mine[k].shape)})"
+            )
+            break
+    trainable = meta.get("trainable")
+    now_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable is not None and list(trainable) != now_trainable:
+        changed = sorted(set(trainable) ^ set(now_trainable)) or ["(their order)"]
+        problems.append(f"other trainable parameters: {_first(changed)}")
+    before = meta.get("data")
+    if before is not None and data is not None and dict(before) != dict(data):
+        if before.get("examples") != data["examples"]:
+            problems.append(f"{before.get('examples')} examples (this run: {data['examples']})")
+        else:
+            problems.append(f"other data (as many examples, {data['examples']}, other contents)")
+    return problems
+
+
+def load_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> int:
+    """Restore ``folder/last`` into ``model`` and ``optimizer``; return the finished epoch.
+
+    With ``config`` (and ``data``, a :func:`data_fingerprint`), a checkpoint written by a run
+    with other settings (:data:`RESUME_FIELDS`), another model (tensor names and shapes,
+    trainable parameters) or other data is refused, naming what differs."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "last"
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
+        epoch = int(meta["epoch"])
+        groups, optimizer_scalars = meta["param_groups"], dict(meta["optimizer_scalars"])
+    except Exception as exc:  # unreadable, not JSON, not safetensors, keys missing
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing = set(model.state_dict()) - set(model_state)
-    if missing:
-        raise ModelFileError(
-            f"checkpoint {str(path)!r} lacks tensor {sorted(missing)[0]!r} of the model"
+    problems = _differences(meta, model_state, model, config or TrainConfig(), data)
+    if config is None:
+        problems = [p for p in problems if p.startswith(("no tensor", "tensor"))]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by another run: {'; '.join(problems)}; "
+            "resume with that run's settings, model and data, or train into another "
+            "checkpoint_dir"
         )
     model.load_state_dict(model_state)
     state: dict[int, dict[str, Any]] = {}
@@ -184,13 +333,107 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
         if key.startswith("optimizer."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["optimizer_scalars"].items():
+    for idx, values in optimizer_scalars.items():
         state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["epoch"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its optimizer state does not fit this run's ({exc})"
+        ) from exc
+    return epoch
+
+
+def _start_epoch(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Mapping[str, Any] | None,
+) -> int:
+    """The epoch a run starts at: after the checkpoint's with ``resume``, else 0. What an
+    interrupted checkpoint write left is put right first."""
+    if config.checkpoint_dir is not None:
+        recover(Path(config.checkpoint_dir) / "last")
+    if not config.resume:
+        return 0
+    if config.checkpoint_dir is None:
+        raise DataError("resume needs a checkpoint_dir")
+    if not (Path(config.checkpoint_dir) / "last" / "state.json").is_file():
+        raise CheckpointError(
+            f"resume: no checkpoint in {config.checkpoint_dir!r} (expected "
+            f"{str(Path(config.checkpoint_dir) / 'last' / 'state.json')!r}); check the "
+            "checkpoint folder, or start without resume"
+        )
+    return load_checkpoint(config.checkpoint_dir, model, optimizer, config, data) + 1
 
 
 # -- the loop -------------------------------------------------------------------------------
+
+
+def _to(obj: Any, dev: torch.device) -> Any:
+    """``obj``'s tensors (in tuples, lists and dicts too) on ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, dev) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class _Loop:
+    """One run's fixed parts: what the epochs of :func:`train` share."""
+
+    model: nn.Module
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: StepFn
+    n_examples: int
+    batch: BatchFn
+    config: TrainConfig
+    dev: torch.device
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        self.use_amp = self.config.amp and self.dev.type == "cuda"
+        bf16 = self.use_amp and torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not bf16)
+
+    def epoch(self, epoch: int, progress: bool | None, description: str) -> float:
+        """Run ``epoch`` (its order and random state from the seed) and return its mean loss."""
+        config, world, scaler = self.config, self.world, self.scaler
+        steps = math.ceil(self.n_examples / config.batch_size)
+        order = torch.randperm(
+            self.n_examples,
+            generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch),
+        )
+        _seed_now(config.seed * 1_000_003 + epoch * 7919 + self.rank, self.dev)
+        self.runner.train()
+        losses = []
+        for i in track(
+            range(steps),
+            f"{description} epoch {epoch + 1}/{config.epochs}",
+            enabled=progress if self.rank == 0 else False,
+        ):
+            global_idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            share = torch.tensor_split(global_idx, world)[self.rank]
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + i, steps * config.epochs, config)
+            with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                loss = self.step(self.runner, _to(self.batch(share), self.dev))
+            weighted = loss * (len(share) * world / len(global_idx))
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(weighted).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            scaler.step(self.optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
 
 
 def train(
@@ -206,12 +449,15 @@ def train(
     description: str = "training",
 ) -> TrainResult:
     """Train ``model`` in place: ``step(model, batch(indices))`` returns the mean loss of a
-    batch; ``batch`` builds the batch of example ``indices`` (a LongTensor) on ``device``.
+    batch; ``batch`` builds the batch of example ``indices`` (a LongTensor; its tensors are
+    moved to ``device``).
 
     Under ``torch.distributed`` (initialised by the caller, e.g. via ``torchrun``) the model is
     wrapped in DDP and each process takes its share of every global batch; only rank 0 writes
     checkpoints and shows progress. ``on_epoch_end(epoch, mean_loss)`` runs after the epoch's
-    checkpoint (raising there stops the run: what was saved stays)."""
+    checkpoint (raising there stops the run: what was saved stays). ``resume`` continues from
+    the checkpoint in ``checkpoint_dir``; none there, or one a run with other settings, another
+    model or other data wrote, is an error. The caller's random state is left as it was."""
     if n_examples < 1:
         raise DataError("training needs at least one example")
     rank, world = _dist()
@@ -222,12 +468,8 @@ def train(
     )
     model.to(dev)
     optimizer = _optimizer(model, config)
-    start = 0
-    if config.resume:
-        if config.checkpoint_dir is None:
-            raise DataError("resume needs a checkpoint_dir")
-        if (Path(config.checkpoint_dir) / "last" / "state.json").is_file():
-            start = load_checkpoint(config.checkpoint_dir, model, optimizer) + 1
+    data = data_fingerprint(n_examples, batch) if config.checkpoint_dir is not None else None
+    start = _start_epoch(config, model, optimizer, data)
     runner: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -235,48 +477,19 @@ def train(
         runner = DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
-    use_amp = config.amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    steps_per_epoch = math.ceil(n_examples / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    loop = _Loop(model, runner, optimizer, step, n_examples, batch, config, dev, rank, world)
     result = TrainResult(start_epoch=start, epochs_run=0)
-    for epoch in range(start, config.epochs):
-        order = torch.randperm(
-            n_examples, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        )
-        torch.manual_seed(config.seed * 1_000_003 + epoch * 7919 + rank)
-        runner.train()
-        losses = []
-        for i in track(
-            range(steps_per_epoch),
-            f"{description} epoch {epoch + 1}/{config.epochs}",
-            enabled=progress if rank == 0 else False,
-        ):
-            global_idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            share = torch.tensor_split(global_idx, world)[rank]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, config)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                loss = step(runner, batch(share))
-            weighted = loss * (len(share) * world / len(global_idx))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(weighted).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
-        mean = sum(losses) / len(losses)
-        result.losses.append(mean)
-        result.epochs_run += 1
-        if config.checkpoint_dir is not None and rank == 0:
-            save_checkpoint(config.checkpoint_dir, model, optimizer, epoch, config)
-        if world > 1:
-            torch.distributed.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, mean)
+    with seeded(config.seed, dev):  # the epochs re-seed; the caller's state comes back after
+        for epoch in range(start, config.epochs):
+            mean = loop.epoch(epoch, progress, description)
+            result.losses.append(mean)
+            result.epochs_run += 1
+            if config.checkpoint_dir is not None and rank == 0:
+                save_checkpoint(config.checkpoint_dir, model, optimizer, epoch, config, data)
+            if world > 1:
+                torch.distributed.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, mean)
     model.eval()
     return result
 
