@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "netmeld.errors": 0,
     "netmeld._version": 0,
     "netmeld._atomic": 0,
+    "netmeld._outputs": 0,
     "netmeld._progress": 0,
     "netmeld.ops": 0,
     "netmeld.data": 0,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from netmeld._atomic import swap_in
+from netmeld._outputs import check_replaceable, write_marker
 from netmeld.errors import CheckpointError, ModelFileError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -361,10 +362,7 @@ class ShardedWriter:
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise ModelFileError(f"{str(self.path)!r} exists; pass overwrite to replace it")
-        if self.path.exists() and not self.path.is_dir():
-            raise ModelFileError(f"{str(self.path)!r} exists and is not a folder")
+        check_replaceable(self.path, overwrite=overwrite)
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         used = 0
@@ -467,6 +465,7 @@ class ShardedWriter:
             total = sum(_nbytes(d, s) for d, s in self._expected.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_marker(self.tmp, "checkpoint")
         swap_in(self.tmp, self.path)
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._atomic import swap_in
+from netmeld._outputs import check_replaceable, write_marker
 from netmeld._version import __version__
 from netmeld.errors import (
     DataError,
@@ -513,12 +514,7 @@ class CombinedModel(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True to replace it")
-        if path.exists() and not (path / CONFIG_FILE).is_file():
-            raise ModelFileError(
-                f"{str(path)!r} exists and is not a netmeld model folder; refusing to replace it"
-            )
+        check_replaceable(path, overwrite=overwrite)
         config = self.config()
         for member in self.members:
             _check_rebuilds(member)
@@ -528,6 +524,7 @@ class CombinedModel(nn.Module):
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "netmeld"})
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            write_marker(tmp, "model")
             swap_in(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""--overwrite replaces only what netmeld wrote (issue 13, item 2): every folder it writes
+holds a marker, and a file, a link or a folder of the user's is refused and left untouched."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import netmeld
+from netmeld._outputs import MARKER
+from netmeld.cli import main
+
+from .test_merge_weights import _recipe, checkpoints  # noqa: F401 (the fixture)
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1.0" / "concat"
+
+
+def _foreign(path: Path) -> Path:
+    path.mkdir()
+    (path / "thesis.txt").write_text("years of work")
+    return path
+
+
+def test_merge_weights_overwrite_leaves_a_foreign_folder_alone(checkpoints, capsys):  # noqa: F811
+    tmp_path = checkpoints[0]
+    out = _foreign(tmp_path / "out")
+    assert main(["merge-weights", _recipe(tmp_path), "-o", str(out), "--overwrite"]) == 2
+    assert "not a folder netmeld wrote" in capsys.readouterr().err
+    assert (out / "thesis.txt").read_text() == "years of work" and len(list(out.iterdir())) == 1
+    shutil.rmtree(out)
+    assert main(["merge-weights", _recipe(tmp_path), "-o", str(out)]) == 0
+    assert (out / MARKER).is_file()
+    assert main(["merge-weights", _recipe(tmp_path), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_save_overwrite_replaces_only_netmeld_folders(digits2, tmp_path):
+    model = netmeld.meld(digits2.members, "concat")
+    foreign = _foreign(tmp_path / "mine")
+    with pytest.raises(netmeld.ModelFileError, match="not a folder netmeld wrote"):
+        model.save(foreign, overwrite=True)
+    assert (foreign / "thesis.txt").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(netmeld.ModelFileError, match="is a file"):
+        model.save(tmp_path / "file", overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(netmeld.ModelFileError, match="symbolic link"):
+        model.save(tmp_path / "link", overwrite=True)
+    assert not (tmp_path / "nowhere").exists()
+    ours = model.save(tmp_path / "ours")
+    assert (ours / MARKER).is_file()
+    with pytest.raises(netmeld.ModelFileError, match="exists; pass overwrite"):
+        model.save(ours)
+    model.save(ours, overwrite=True)
+    legacy = Path(shutil.copytree(LEGACY, tmp_path / "legacy"))  # 0.1.0 wrote no marker
+    model.save(legacy, overwrite=True)
+    x = digits2.test[0][:4]
+    assert torch.equal(netmeld.load(legacy)(x), model(x))
+
+
+def test_every_cli_writer_refuses_a_foreign_output(digits2, tmp_path, capsys):
+    model_dir = netmeld.meld(digits2.members, "concat").save(tmp_path / "m")
+    foreign = _foreign(tmp_path / "foreign")
+    (tmp_path / "ex" / "new").mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("L", (8, 8), color=40 * i).save(tmp_path / "ex" / "new" / f"{i}.png")
+    argv = ["extend", str(model_dir), "--examples", str(tmp_path / "ex"), "-o", str(foreign)]
+    assert main([*argv, "--steps", "0", "--overwrite"]) == 2
+    assert "not a folder netmeld wrote" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]
