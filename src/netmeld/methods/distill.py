@@ -23,7 +23,7 @@ from torch import nn
 
 from netmeld._progress import track
 from netmeld.data import load_data
-from netmeld.engine import TrainConfig, resolve_config, small_fit, tensor_batches, train
+from netmeld.engine import TrainConfig, resolve_config, seeded, small_fit, tensor_batches, train
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
@@ -42,8 +42,13 @@ def _teacher_logits(
 
 
 def _default_student(
-    teacher: CombinedModel, init: Literal["member", "merge", "scratch"], inputs: torch.Tensor
+    teacher: CombinedModel,
+    init: Literal["member", "merge", "scratch"],
+    inputs: torch.Tensor,
+    seed: int,
 ) -> Member:
+    """The first member's architecture with a new head over the union (fresh parts drawn from
+    ``seed``), started from that member's body, the members' merged bodies or from scratch."""
     first = teacher.members[0]
     if first.architecture is None:
         raise MemberError(
@@ -53,7 +58,8 @@ def _default_student(
     arch = first.architecture
     if "num_classes" in arch.kwargs:
         arch = Architecture(arch.spec, {**arch.kwargs, "num_classes": n})
-    module = arch.build(num_classes=n)
+    with seeded(seed):
+        module = arch.build(num_classes=n)
     if init in ("member", "merge"):
         source = first
         if init == "merge":  # the members' bodies merged in weight space (aligned if needed)
@@ -61,7 +67,8 @@ def _default_student(
 
             if len(teacher.members) < 2:
                 raise MemberError("init='merge' needs at least two teacher members")
-            source = merge_members(teacher.members, "linear", data=inputs[:2048]).members[0]
+            merged = merge_members(teacher.members, "linear", data=inputs[:2048], seed=seed)
+            source = merged.members[0]
         head = find_head(source)
         body = {k: v for k, v in source.module.state_dict().items() if not k.startswith(head + ".")}
         missing, _ = module.load_state_dict(body, strict=False)
@@ -244,12 +251,13 @@ def _student(
     student: nn.Module | Member | None,
     init: Literal["member", "merge", "scratch"],
     inputs: torch.Tensor,
+    seed: int,
 ) -> tuple[Member, torch.Tensor]:
     """The student member (checked to predict the teacher's labels in its order) and the
     inputs in its preprocessing."""
     labels = list(teacher.labels)
     if student is None:
-        member = _default_student(teacher, init, inputs)
+        member = _default_student(teacher, init, inputs, seed)
     elif isinstance(student, Member):
         member = student
     else:
@@ -295,7 +303,8 @@ def _fit_student(
     batches = tensor_batches(x, targets)
     if hint_weight > 0:
         teacher_feats = _teacher_features(teacher, inputs)
-        trained = _Hinted(module, member, teacher_feats.shape[1])
+        with seeded(cfg.seed):  # the projection's start
+            trained = _Hinted(module, member, teacher_feats.shape[1])
         batches = tensor_batches(x, targets, teacher_feats)
 
     def step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -379,7 +388,7 @@ def distill(
     if temperature <= 0:
         raise DataError(f"temperature must be > 0, got {temperature}")
     targets = _teacher_logits(teacher, inputs)
-    member, x = _student(teacher, student, init, inputs)
+    member, x = _student(teacher, student, init, inputs, seed)
     cfg = resolve_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
     )

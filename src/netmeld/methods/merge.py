@@ -234,19 +234,24 @@ def _merged_tensors(
     weights: Sequence[float] | None,
     params: Mapping[str, Any] | None,
     inputs: torch.Tensor | None,
+    seed: int,
     progress: bool | None,
 ) -> dict[str, torch.Tensor]:
     """The ``differing`` tensors merged with ``method``. A kernel that reads statistics of the
-    data (Fisher, RegMean) merges the tensors it has them for; the others are averaged."""
+    data (Fisher, RegMean) merges the tensors it has them for; the others are averaged. A
+    seeded kernel (DARE) draws from ``seed`` unless ``params`` gives its own."""
+    if "seed" in kernel.defaults and "seed" not in (params or {}):
+        params = {**(params or {}), "seed": seed}
     if kernel.needs == "none":
         return merge_state_dicts(
             method, states, base=base_state, weights=weights, params=params, names=differing
         )
     if inputs is None:
         raise DataError(f"merge method {method!r} needs data (inputs; labels are not needed)")
-    stat_fn = fisher_diagonal if kernel.needs == "fisher" else input_grams
     extras = [
-        stat_fn(m, inputs, keys=differing)
+        fisher_diagonal(m, inputs, keys=differing, seed=seed)
+        if kernel.needs == "fisher"
+        else input_grams(m, inputs, keys=differing)
         for m in track(members, f"{kernel.needs} statistics", enabled=progress)
     ]
     with_extra = [k for k in differing if all(k in e for e in extras)]
@@ -319,6 +324,8 @@ def merge_members(
             (data), ``none``, or ``auto``: weight matching when the bodies look independently
             initialised (cosine similarity below 0.5) and no base is given.
         union, union_params: how the kept heads are combined (any registered union method).
+        seed: seeds weight matching's order, DARE's drop masks (unless ``params`` gives a
+            ``seed``), the labels Fisher samples and the union method's fit.
     """
     members = list(members)
     check_members(members)
@@ -344,6 +351,7 @@ def merge_members(
         weights=weights,
         params=params,
         inputs=inputs,
+        seed=seed,
         progress=progress,
     )
     body = {k: states[0][k] if k in shared else merged[k] for k in keys}

@@ -5,7 +5,9 @@ Each builder returns a :class:`~netmeld.model.combined.CombinedModel` with one m
 network. Its parts come from members (their bodies: everything before the head, with their own
 preprocessing), from fresh architectures (``"netmeld.zoo:small_cnn"``, ``"torchvision:resnet18"``:
 built with new weights, their head dropped) or from plain ``nn.Module`` feature extractors (used
-whole; such a model trains and predicts but cannot be saved without an architecture).
+whole; such a model trains and predicts but cannot be saved without an architecture). Fresh
+parts and new layers start from the builder's ``seed`` (default 0), so one call builds the same
+weights every time, whatever the global random state.
 
 Freezing works like Keras' ``trainable = False``: ``freeze=["a"]`` freezes branch ``a``,
 ``freeze=["a.layer1"]`` one block of it. Frozen parameters get no gradient and frozen

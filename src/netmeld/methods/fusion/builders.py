@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import nn
 
+from netmeld.engine import seeded
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
@@ -41,6 +42,7 @@ def parallel(
     input_shape: Sequence[int] | None = None,
     freeze: Sequence[str] = (),
     name: str = "parallel",
+    seed: int = 0,
 ) -> CombinedModel:
     """Branches side by side, their features fused, one head over ``labels``.
 
@@ -58,6 +60,8 @@ def parallel(
             table, channels of an image); default: all of it. Different inputs per branch.
         input_shape: the fused model's input shape; default: the members' common shape.
         freeze: parts (``"a"``) or blocks (``"a.layer1"``) not to train.
+        seed: draws the starting weights of fresh architectures and of the new layers
+            (projections, attention, gate, head); the caller's random state is left as it was.
     """
     named = _names(branches)
     if len(named) < 1:
@@ -80,12 +84,13 @@ def parallel(
                 )
             select[n] = [int(c) for c in columns]
     specs = [_part_spec(p, n) for n, p in named.items()]
-    modules = {
-        n: _make_part(p, s, shape, select.get(n))
-        for (n, p), s in zip(named.items(), specs, strict=True)
-    }
-    dims = {n: _flat(_out_shape(m, shape, f"branch {n!r}")) for n, m in modules.items()}
-    net = ParallelNet(modules, dims, len(labels), fuse, dim)
+    with seeded(seed):  # fresh architectures and the new layers
+        modules = {
+            n: _make_part(p, s, shape, select.get(n))
+            for (n, p), s in zip(named.items(), specs, strict=True)
+        }
+        dims = {n: _flat(_out_shape(m, shape, f"branch {n!r}")) for n, m in modules.items()}
+        net = ParallelNet(modules, dims, len(labels), fuse, dim)
     net.freeze(freeze)
     options = {"fuse": fuse, "dim": dim, "inputs": select or None}
     return _fused_model(
@@ -148,6 +153,7 @@ def hierarchical(
     input_shape: Sequence[int] | None = None,
     freeze: Sequence[str] = (),
     name: str = "hierarchical",
+    seed: int = 0,
 ) -> CombinedModel:
     """``first``'s features feed ``second``, which classifies.
 
@@ -163,6 +169,8 @@ def hierarchical(
             projection (vectors) where the shapes differ, listed in ``model.method['params']
             ['adapters']``; ``none`` raises an error naming both shapes instead.
         freeze: ``"first"``, ``"second"``, ``"adapt"`` or blocks (``"first.layer1"``).
+        seed: draws the starting weights of fresh architectures and of the adapters; the
+            caller's random state is left as it was.
     """
     shape = _input_shape([first], input_shape)
     if labels is None:
@@ -171,10 +179,13 @@ def hierarchical(
         labels = list(second.labels)
     labels = list(labels)
     first_spec = _part_spec(first, "first")
-    first_part = _make_part(first, first_spec, shape, None, cut=cut)
-    got = _out_shape(first_part, shape, "the first network")
-    second_member, second_module, want = _second_network(second, labels, second_input_shape, got)
-    adapt_module, notes = adapter(got, want, adapt)
+    with seeded(seed):  # fresh architectures and the adapters
+        first_part = _make_part(first, first_spec, shape, None, cut=cut)
+        got = _out_shape(first_part, shape, "the first network")
+        second_member, second_module, want = _second_network(
+            second, labels, second_input_shape, got
+        )
+        adapt_module, notes = adapter(got, want, adapt)
     second_spec = _part_spec(second_member, "second")
     if second_spec is not None:
         second_spec["preprocessing"] = None
@@ -225,6 +236,7 @@ def multitask(
     input_shape: Sequence[int] | None = None,
     freeze: Sequence[str] = (),
     name: str = "multitask",
+    seed: int = 0,
 ) -> CombinedModel:
     """A shared trunk with a linear head per task; labels are ``"task/label"``.
 
@@ -236,6 +248,8 @@ def multitask(
             al. 2018) or ``gradnorm`` (learned weights that balance the tasks' gradient norms
             on the trunk's last layer at training rates ``r_t^alpha``; Chen et al. 2018).
         freeze: ``"trunk"``, ``"heads"`` or trunk blocks (``"trunk.layer1"``).
+        seed: draws the starting weights of a fresh trunk and of the heads; the caller's random
+            state is left as it was.
     """
     if not tasks:
         raise LabelError("multitask needs at least one task")
@@ -252,10 +266,11 @@ def multitask(
         raise LabelError(f"loss_weights name unknown tasks {unknown}; tasks: {list(tasks)}")
     shape = _input_shape([trunk], input_shape)
     spec = _part_spec(trunk, "trunk")
-    part = _make_part(trunk, spec, shape, None)
-    dim = _flat(_out_shape(part, shape, "the trunk"))
     sizes = {t: len(v) for t, v in tasks.items()}
-    net = MultiTaskNet(part, dim, sizes)
+    with seeded(seed):  # a fresh trunk and the heads
+        part = _make_part(trunk, spec, shape, None)
+        dim = _flat(_out_shape(part, shape, "the trunk"))
+        net = MultiTaskNet(part, dim, sizes)
     net.freeze(freeze)
     labels = [f"{t}{TASK_SEPARATOR}{label}" for t, v in tasks.items() for label in v]
     return _fused_model(
