@@ -72,3 +72,14 @@ def test_every_cli_writer_refuses_a_foreign_output(digits2, tmp_path, capsys):
     assert main([*argv, "--steps", "0", "--overwrite"]) == 2
     assert "not a folder netmeld wrote" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]
+
+
+@pytest.mark.parametrize("weight", ["abc", None, True, [{"value": "x"}]])
+def test_merge_recipe_weights_must_be_numbers(checkpoints, weight, capsys):  # noqa: F811
+    tmp_path = checkpoints[0]
+    models = [{"model": "a", "parameters": {"weight": weight}}, {"model": "b"}]
+    recipe = _recipe(tmp_path, models=models)
+    assert main(["merge-weights", recipe, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "models[0] ('a'): weight" in err and "unexpected" not in err
+    assert not (tmp_path / "out").exists()

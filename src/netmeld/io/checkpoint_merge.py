@@ -24,6 +24,7 @@ memory holds a few tensors whatever the model's size; the same kernel code runs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,20 @@ def _check_recipe_params(recipe: MergeRecipe, where: str) -> None:
     if kernel.needs_base and recipe.base_model is None:
         raise RecipeError(f"recipe {where!r}: merge method {kernel.name!r} needs base_model")
     probe = {k: _resolve(v, "") for k, v in recipe.parameters.items()}
+    for i, entry in enumerate(recipe.models):
+        weight = entry.parameters.get("weight", 1.0)
+        values = [e.value for e in weight] if isinstance(weight, list) else [weight]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(
+                    f"recipe {where!r}: models[{i}] ({entry.model!r}): weight {value!r} is not a "
+                    "number"
+                )
+            if not math.isfinite(value):
+                raise RecipeError(
+                    f"recipe {where!r}: models[{i}] ({entry.model!r}): weight {value!r} is not "
+                    "finite"
+                )
     for entry in recipe.models:
         for k, v in entry.parameters.items():
             if k != "weight":
@@ -322,7 +337,13 @@ def merge_weights(
             else:
                 weights, params = _params_for(recipe, name)
                 merged = merge_tensor(
-                    kernel.name, tensors, base=base_t, weights=weights, params=params, key=name
+                    kernel.name,
+                    tensors,
+                    base=base_t,
+                    weights=weights,
+                    params=params,
+                    key=name,
+                    out_dtype=target,
                 )
             writer.write(name, merged.to(target))
             del tensors, base_t, merged
