@@ -168,3 +168,13 @@ def test_cli_trust_code_lets_a_user_builder_run(digits2, tmp_path, monkeypatch, 
     assert main(["meld", str(recipe), "-o", str(tmp_path / "out"), "--trust-code"]) == 0
     assert main(["inspect", str(tmp_path / "out")]) == 2
     assert main(["inspect", str(tmp_path / "out"), "--trust-code"]) == 0
+
+
+def test_python_recipe_runners_refuse_untrusted_builders(digits2, tmp_path):
+    from netmeld.cli.recipes import run_recipe
+
+    marker = tmp_path / "ran"
+    recipe = _recipe_naming(digits2, tmp_path, "subprocess:run", {"args": ["touch", str(marker)]})
+    with pytest.raises(netmeld.UntrustedCodeError, match=r"recipe .*'subprocess:run'"):
+        run_recipe(recipe)
+    assert not marker.exists()

@@ -13,7 +13,6 @@ from typing import Any
 from rich.console import Console
 
 from netmeld.errors import NetmeldError
-from netmeld.members.trust import reading_files
 
 console = Console(width=120)
 
@@ -90,8 +89,7 @@ def cmd_meld(args: argparse.Namespace) -> int:
     from netmeld.cli.recipes import run_recipe
 
     out = _output(args)
-    with reading_files(f"recipe {args.recipe!r}"):
-        model = run_recipe(args.recipe)
+    model = run_recipe(args.recipe)
     model.save(out, overwrite=args.overwrite)
     console.print(
         f"saved {len(model.labels)} labels from {len(model.members)} members "
@@ -125,8 +123,7 @@ def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
     prints ``what(model)``."""
     out = _output(args)
     with _process_group() as rank:
-        with reading_files(f"recipe {args.recipe!r}"):
-            model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
         if rank == 0:
             model.save(out, overwrite=args.overwrite)
             console.print(f"{what(model)} and saved it to [bold]{out}[/bold]")

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from netmeld.errors import MethodError
 from netmeld.io.recipe_file import read_yaml
 from netmeld.members.member import Member, Preprocessing
+from netmeld.members.trust import reading_files
 from netmeld.methods import get_method
 
 
@@ -274,8 +275,14 @@ def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
     return [load_member(spec, base) for spec in recipe.members]
 
 
-def run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
-    """Read a recipe, load its members and data, and return the combined model."""
+def run_recipe(path: str | Path, *, progress: bool | None = None, trust_code: bool = False) -> Any:
+    """Read a recipe, load its members and data, and return the combined model. Only trusted
+    architecture builders run (see :func:`netmeld.trust_builder`) unless ``trust_code=True``."""
+    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
+        return _run_recipe(path, progress=progress)
+
+
+def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
     from netmeld.methods.meld import meld
 
     recipe, base = read_recipe(path)

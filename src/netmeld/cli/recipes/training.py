@@ -21,6 +21,7 @@ from netmeld.cli.recipes.meld import (
 from netmeld.errors import MethodError, RecipeError
 from netmeld.io.recipe_file import read_yaml
 from netmeld.members.member import Member, Preprocessing
+from netmeld.members.trust import reading_files
 from netmeld.methods import get_method
 from netmeld.methods.distill import SCHEDULE as DISTILL_SCHEDULE
 from netmeld.methods.fusion.parts import FUSION_KINDS, FUSIONS, WEIGHTINGS
@@ -191,7 +192,7 @@ def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
     return read_yaml(path, DistillRecipe, "'teachers' (or 'teacher') and 'data'")
 
 
-def run_distill_recipe(
+def _run_distill_recipe(
     path: str | Path,
     *,
     checkpoint_dir: str | None = None,
@@ -411,7 +412,7 @@ def _part(spec: PartSpec, base: Path) -> Any:
     return Architecture.parse(spec.architecture, spec.architecture_kwargs)
 
 
-def run_train_recipe(
+def _run_train_recipe(
     path: str | Path,
     *,
     checkpoint_dir: str | None = None,
@@ -487,3 +488,37 @@ def run_train_recipe(
         data = resolve_path(base, recipe.data)
     config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
     return fusion_train(model, data, config=config, seed=recipe.seed, progress=progress)
+
+
+def run_distill_recipe(
+    path: str | Path,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    trust_code: bool = False,
+) -> Any:
+    """Read a distillation recipe and return the distilled one-member combined model. Only
+    trusted architecture builders run (see :func:`netmeld.trust_builder`) unless
+    ``trust_code=True``."""
+    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
+        return _run_distill_recipe(
+            path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
+        )
+
+
+def run_train_recipe(
+    path: str | Path,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    trust_code: bool = False,
+) -> Any:
+    """Read a ``netmeld train`` recipe, build the fused model and train it. Only
+    trusted architecture builders run (see :func:`netmeld.trust_builder`) unless
+    ``trust_code=True``."""
+    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
+        return _run_train_recipe(
+            path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
+        )
