@@ -287,3 +287,24 @@ def test_cli_recipe_twice_gives_the_same_bytes(workspace, tmp_path, command):
         assert main([command, str(workspace / f"{command}.yaml"), "-o", str(out)]) == 0
         files.append([(out / name).read_bytes() for name in ("model.safetensors", "netmeld.json")])
     assert files[0] == files[1]
+
+
+def test_cli_recipe_seed_sets_the_fresh_weights(workspace, tmp_path):
+    """A distill recipe's own student and a train recipe's fresh branch start from the
+    recipe's seed: the same seed gives the same bytes, another seed other weights."""
+    from netmeld.cli import main
+
+    distill = yaml.safe_load((workspace / "distill.yaml").read_text())
+    distill["student"] = {"architecture": ARCH.spec, "architecture_kwargs": KWARGS}
+    train = yaml.safe_load((workspace / "train.yaml").read_text())
+    for command, recipe in (("distill", distill), ("train", train)):
+        weights = []
+        for i, seed in enumerate((0, 0, 1)):
+            torch.manual_seed(i)
+            path = workspace / f"{command}-seed{seed}.yaml"
+            path.write_text(yaml.safe_dump({**recipe, "seed": seed}))
+            out = tmp_path / f"{command}{i}"
+            assert main([command, str(path), "-o", str(out)]) == 0
+            weights.append((out / "model.safetensors").read_bytes())
+        assert weights[0] == weights[1], command
+        assert weights[0] != weights[2], command

@@ -15,7 +15,6 @@ import json
 import mmap
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from netmeld._atomic import swap_in
+from netmeld._atomic import make_temp, swap_in
 from netmeld._outputs import check_replaceable, write_marker
 from netmeld.errors import CheckpointError, ModelFileError
 
@@ -390,9 +389,7 @@ class ShardedWriter:
 
     def __enter__(self) -> ShardedWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        )
+        self.tmp = make_temp(self.path)
         return self
 
     def dtype_of(self, name: str) -> torch.dtype:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld._atomic import swap_in
+from netmeld._atomic import make_temp, swap_in
 from netmeld._outputs import check_replaceable, write_marker
 from netmeld._version import __version__
 from netmeld.errors import (
@@ -520,7 +519,7 @@ class CombinedModel(nn.Module):
             _check_rebuilds(member)
         tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(self).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = make_temp(path)
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "netmeld"})
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -192,6 +192,14 @@ def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
     return read_yaml(path, DistillRecipe, "'teachers' (or 'teacher') and 'data'")
 
 
+def _seeded_build(arch: Any, num_classes: int, seed: int) -> Any:
+    """A fresh student from ``seed``: two runs of one recipe start from the same weights."""
+    from netmeld.engine import seeded
+
+    with seeded(seed):
+        return arch.build(num_classes=num_classes)
+
+
 def _run_distill_recipe(
     path: str | Path,
     *,
@@ -238,7 +246,7 @@ def _run_distill_recipe(
             else teacher.members[0].preprocessing
         )
         student = Member(
-            arch.build(num_classes=len(teacher.labels)),
+            _seeded_build(arch, len(teacher.labels), recipe.seed),
             list(teacher.labels),
             name="student",
             preprocessing=pre,
@@ -447,6 +455,7 @@ def _run_train_recipe(
             inputs=recipe.inputs,
             input_shape=recipe.input_shape,
             freeze=recipe.freeze,
+            seed=recipe.seed,
         )
     elif recipe.build == "hierarchical":
         assert recipe.first is not None and recipe.second is not None
@@ -459,6 +468,7 @@ def _run_train_recipe(
             adapt=recipe.adapt,
             input_shape=recipe.input_shape,
             freeze=recipe.freeze,
+            seed=recipe.seed,
         )
     else:
         assert recipe.trunk is not None and recipe.tasks is not None
@@ -470,6 +480,7 @@ def _run_train_recipe(
             alpha=recipe.alpha,
             input_shape=recipe.input_shape,
             freeze=recipe.freeze,
+            seed=recipe.seed,
         )
     if isinstance(recipe.data, dict):
         xs: list[Any] = []
