@@ -15,6 +15,7 @@ Raw inputs are floats: images ``(C, H, W)`` in ``[0, 1]`` (``uint8`` arrays are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,26 @@ def load_data(
             f"{result.source}: inputs have shape {tuple(result.inputs.shape[1:])}, "
             f"the model expects {shape}"
         )
+    check_finite(result.inputs, result.source)
     if require_labels and not result.labeled:
         raise DataError(
             f"{result.source}: this needs labeled data: (inputs, label_names) or a folder with "
             "one subfolder per label"
         )
     return result
+
+
+def check_finite(inputs: torch.Tensor, source: str) -> None:
+    """Refuse inputs holding NaN or infinite values, naming the first such input (index)."""
+    if not inputs.is_floating_point() or not len(inputs):
+        return
+    bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise DataError(
+            f"{source}: input {first} holds NaN or infinite values ({int(bad.sum())} of "
+            f"{len(inputs)} inputs do); a model's answer on them would mean nothing"
+        )
 
 
 def _from_frame(inputs: Any, feature_names: Sequence[str] | None, what: str) -> Any:
@@ -134,8 +149,15 @@ def _read_csv(
 
     if not path.is_file():
         raise DataError(f"{what}: file {str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{str(path)!r} is not UTF-8 text ({exc}); save the table as UTF-8 CSV"
+        ) from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(path)!r} is not a readable CSV file: {exc}") from exc
     if not rows:
         raise DataError(f"{what}: {str(path)!r} is empty; expected a header row and data rows")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
@@ -157,11 +179,16 @@ def _read_csv(
             )
         for j, i in enumerate(at):
             try:
-                values[r, j] = float(row[i])
+                values[r, j] = value = float(row[i])
             except ValueError:
                 raise DataError(
                     f"{str(path)!r}: row {r + 2}, column {header[i]!r}: {row[i]!r} is not a number"
                 ) from None
+            if not math.isfinite(value):
+                raise DataError(
+                    f"{str(path)!r}: row {r + 2}, column {header[i]!r}: {row[i]!r} is not a "
+                    "finite number"
+                )
     labels = None
     if label_column in header:
         li = header.index(label_column)
@@ -279,7 +306,7 @@ def read_image(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
         with Image.open(path) as image:
             image.load()
             return _pil_to_tensor(image, shape)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image {str(path)!r} cannot be read: {exc}") from exc
 
 

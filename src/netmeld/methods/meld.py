@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from netmeld.data import load_data
-from netmeld.errors import IncompatibleMembersError
+from netmeld.errors import IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._extract import extract
 from netmeld.methods._registry import get_method
@@ -92,6 +92,12 @@ def meld(
         info.fit(model, extracted, targets, checked)
     finally:
         torch.random.set_rng_state(generator_state)
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise MethodError(
+                f"method {method!r} fitted non-finite values into {name!r} (the fit diverged); "
+                "lower its learning rate or give more data"
+            )
     model.method = {
         "name": method,
         "data": info.data,

@@ -428,9 +428,11 @@ class CombinedModel(nn.Module):
         return list(self._union[0])
 
     def _as_inputs(self, x: Any) -> torch.Tensor:
+        from netmeld.data import check_finite, load_data
+
         if isinstance(x, torch.Tensor):
+            check_finite(x, "inputs")
             return x
-        from netmeld.data import load_data
 
         return load_data(
             x, self.input_shape, what="inputs", feature_names=self.feature_names

@@ -1,0 +1,53 @@
+"""Non-finite values are refused, naming where they are (issue 13, item 4): inputs to predict,
+evaluate and meld, CSV cells, preprocessing; and a fit that diverges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import netmeld
+from netmeld.errors import DataError, MemberError, MethodError
+
+
+def _poisoned(x: torch.Tensor, at: int, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[at].view(-1)[3] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_predict_evaluate_and_meld_refuse_non_finite_inputs(digits2, value):
+    model = netmeld.meld(digits2.members, "concat")
+    x, labels = digits2.test[0][:40], digits2.test[1][:40]
+    bad = _poisoned(x, 7, value)
+    with pytest.raises(DataError, match="input 7 holds NaN or infinite"):
+        model.predict(bad)
+    with pytest.raises(DataError, match="input 7 holds NaN or infinite"):
+        model.predict_proba(bad)
+    with pytest.raises(DataError, match="input 7"):
+        netmeld.evaluate(model, (bad, labels))
+    with pytest.raises(DataError, match="input 7"):
+        netmeld.meld(digits2.members, "infomax", _poisoned(digits2.pool[:100], 7, value))
+
+
+def test_csv_cells_that_are_not_finite_name_row_and_column(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,nan,y\n")
+    with pytest.raises(DataError, match=r"row 3, column 'b': 'nan' is not a finite number"):
+        netmeld.load_data(tmp_path / "t.csv", (2,))
+    (tmp_path / "l.csv").write_bytes("a,b,label\n1,2,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        netmeld.load_data(tmp_path / "l.csv", (2,))
+
+
+@pytest.mark.parametrize("std", [float("nan"), float("inf")])
+def test_preprocessing_refuses_non_finite_statistics(std):
+    with pytest.raises(MemberError, match="std must be finite"):
+        netmeld.Preprocessing((1, 8, 8), mean=(0.5,), std=(std,))
+
+
+def test_a_diverged_fit_is_refused(digits2):
+    few = list(range(60))
+    data = (digits2.pool[few], [digits2.pool_labels[i] for i in few])
+    with pytest.raises(MethodError, match="non-finite values"):
+        netmeld.meld(digits2.members, "finetune", data, params={"lr": 1e30, "steps": 20})
