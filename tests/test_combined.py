@@ -99,7 +99,7 @@ def test_save_load_round_trip_gives_identical_outputs(digits2, method, tmp_path)
     assert loaded.label_members == model.label_members
     assert loaded.method["name"] == method
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["model.safetensors", "netmeld.json"]
+    assert files == [".netmeld-output", "model.safetensors", "netmeld.json"]
 
 
 def test_saved_trunk_is_stored_once(digits3, tmp_path):
@@ -139,7 +139,7 @@ def test_save_refuses_overwrite_and_is_atomic(digits2, tmp_path, monkeypatch):
 def test_save_refuses_to_replace_a_folder_that_is_not_a_model(digits2, tmp_path):
     model = netmeld.meld(digits2.members, "concat")
     (tmp_path / "photos").mkdir()
-    with pytest.raises(netmeld.ModelFileError, match="not a netmeld model folder"):
+    with pytest.raises(netmeld.ModelFileError, match="not a folder netmeld wrote"):
         model.save(tmp_path / "photos", overwrite=True)
 
 

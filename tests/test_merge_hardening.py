@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from netmeld.errors import MethodError, NetmeldError
+from netmeld.errors import MethodError, NetmeldError, RecipeError
 from netmeld.io.checkpoint_merge import merge_state_dicts, merge_weights
 from netmeld.ops import merge as K
 
@@ -275,8 +275,16 @@ def _recipe(tmp_path, **fields) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("weights", [(1.0, -1.0), (1.0, NAN)])
-def test_merge_weights_refuses_weights_it_cannot_use_and_writes_nothing(tmp_path, weights):
+@pytest.mark.parametrize(
+    ("weights", "error", "message"),
+    [
+        ((1.0, -1.0), MethodError, r"'fc\.weight'.*weight"),  # sum 0: found when merging
+        ((1.0, NAN), RecipeError, r"models\[1\] \('b\.st'\): weight nan"),  # when read
+    ],
+)
+def test_merge_weights_refuses_weights_it_cannot_use_and_writes_nothing(
+    tmp_path, weights, error, message
+):
     _two_checkpoints(tmp_path)
     path = _recipe(
         tmp_path,
@@ -285,7 +293,7 @@ def test_merge_weights_refuses_weights_it_cannot_use_and_writes_nothing(tmp_path
             {"model": "b.st", "parameters": {"weight": weights[1]}},
         ],
     )
-    with pytest.raises(MethodError, match=r"'fc\.weight'.*weight"):
+    with pytest.raises(error, match=message):
         merge_weights(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -21,12 +21,18 @@ MOVED: dict[str, tuple[str, ...]] = {
     "netmeld.combined": ("netmeld.model.combined", "netmeld.model.artifact"),
     "netmeld.combiners": ("netmeld.model.heads",),
     "netmeld.shards": ("netmeld.io.shards",),
-    "netmeld.merge_weights": ("netmeld.io.checkpoint_merge", "netmeld.cli.recipes"),
     "netmeld.bridges": ("netmeld.members.bridges",),
     "netmeld.permutation": ("netmeld.methods.permutation",),
     "netmeld.recipe": ("netmeld.cli.recipes",),
     "netmeld.scenarios": ("netmeld.demo.scenarios",),
     "netmeld.methods.weights": ("netmeld.methods.merge",),
+}
+
+
+# old module paths that are now also a function of the package (netmeld.merge_weights): served
+# from sys.modules without replacing the function, warning when a name is taken from them
+SHADOWED: dict[str, tuple[str, ...]] = {
+    "netmeld.merge_weights": ("netmeld.io.checkpoint_merge", "netmeld.cli.recipes"),
 }
 
 
@@ -60,11 +66,21 @@ def renamed(name: str) -> Any:
 
 
 class _Moved(types.ModuleType):
-    def __init__(self, name: str, targets: tuple[str, ...]) -> None:
+    def __init__(self, name: str, targets: tuple[str, ...], *, warn: bool = False) -> None:
         super().__init__(name, f"moved to {', '.join(targets)}")
         self._targets = targets
+        self._warn = warn
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._warn:
+            warnings.warn(
+                f"{self.__name__} moved to {' and '.join(self._targets)}; the old import path "
+                "will be removed in the next release",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         for target in self._targets:
             module = importlib.import_module(target)
             if hasattr(module, attr):
@@ -100,3 +116,5 @@ def install() -> None:
     """Serve the old import paths (once per process)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+    for name, targets in SHADOWED.items():
+        sys.modules.setdefault(name, _Moved(name, targets, warn=True))

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from netmeld._progress import track
 from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
-from netmeld.io.recipe_file import read_yaml
+from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.io.shards import CheckpointReader, ShardedWriter, parse_size
 from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
 
@@ -48,11 +48,10 @@ _DTYPES = {
 }
 
 
-class FilterValue(BaseModel):
+class FilterValue(StrictSpec):
     """One entry of a parameter given per tensor: the first entry whose ``filter`` is in the
     tensor's name applies; an entry without a filter is the default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     filter: str | None = Field(
         default=None, description="applies to tensors whose name contains this; null: the default"
     )
@@ -62,10 +61,9 @@ class FilterValue(BaseModel):
 ParamValue = float | int | bool | str | None | list[FilterValue]
 
 
-class ModelEntry(BaseModel):
+class ModelEntry(StrictSpec):
     """One model of a ``merge-weights`` recipe."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(
         description="a safetensors file, or a folder of shards with an HF-style index; relative "
         "to the recipe"
@@ -88,10 +86,9 @@ class ModelEntry(BaseModel):
         return value
 
 
-class MergeRecipe(BaseModel):
+class MergeRecipe(StrictSpec):
     """A validated ``merge-weights`` recipe."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: str = Field(description="the merging kernel")
     models: list[ModelEntry] = Field(description="the checkpoints to merge (at least one)")
     base_model: str | None = Field(

@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from netmeld.errors import MethodError, RecipeError, validation_problems
 
 Spec = TypeVar("Spec", bound=BaseModel)
+
+
+class StrictSpec(BaseModel):
+    """The base of every file schema: an unknown key is an error (a typo never passes
+    silently), and a parsed entry cannot change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def read_yaml(path: str | Path, spec: type[Spec], expected: str) -> tuple[Spec, Path]:

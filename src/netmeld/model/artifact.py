@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from netmeld.errors import (
     DataError,
@@ -25,6 +25,7 @@ from netmeld.errors import (
     NetmeldError,
     validation_problems,
 )
+from netmeld.io.recipe_file import StrictSpec
 from netmeld.members.graph import Group
 from netmeld.members.member import MAX_INPUT_NUMBERS, Architecture, Member, Preprocessing
 from netmeld.members.trust import reading_files
@@ -65,16 +66,12 @@ def load(path: str | Path, *, trust_code: bool = False) -> CombinedModel:
 MAX_CONFIG_BYTES = 256 * 2**20  # a netmeld.json larger than this is refused unread
 
 
-class _ArchitectureEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _ArchitectureEntry(StrictSpec):
     spec: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class _MemberEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _MemberEntry(StrictSpec):
     name: str
     labels: list[str] = Field(min_length=1)
     architecture: _ArchitectureEntry
@@ -82,33 +79,25 @@ class _MemberEntry(BaseModel):
     head: str | None = None
 
 
-class _GroupEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _GroupEntry(StrictSpec):
     members: list[str] = Field(min_length=1)
     cut: int | None = Field(default=None, ge=0)
 
 
-class _UnionEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _UnionEntry(StrictSpec):
     router_dim: int | None = Field(default=None, gt=0)
     router_source: Literal["features", "input"] = "features"
     scale: list[float] = Field(default_factory=list)
     offset: list[float] = Field(default_factory=list)
 
 
-class _CombinerEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _CombinerEntry(StrictSpec):
     kind: str
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class SavedConfig(BaseModel):
+class SavedConfig(StrictSpec):
     """The schema of ``netmeld.json``: checked whole before anything is built."""
-
-    model_config = ConfigDict(extra="forbid")
 
     format: Literal["netmeld"]
     format_version: int

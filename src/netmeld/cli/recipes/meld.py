@@ -28,19 +28,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from netmeld.errors import MethodError
-from netmeld.io.recipe_file import read_yaml
+from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.members.member import Member, Preprocessing
 from netmeld.members.trust import reading_files
 from netmeld.methods import get_method
 
 
-class PreprocessingSpec(BaseModel):
+class PreprocessingSpec(StrictSpec):
     """How a member wants its input (:class:`netmeld.Preprocessing`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_shape: tuple[int, ...] = Field(
         description="the shape of one input: `[C, H, W]` for images, `[F]` for vectors"
@@ -64,14 +62,12 @@ class PreprocessingSpec(BaseModel):
 _BRIDGED = (".keras", ".h5", ".hdf5", ".onnx")
 
 
-class MemberSpec(BaseModel):
+class MemberSpec(StrictSpec):
     """One member: a checkpoint, the architecture that reads it, its labels, its input.
 
     A Keras (``.keras``, ``.h5``) or ONNX (``.onnx``) file needs no architecture (and its input
     shape comes from the file unless ``preprocessing`` is given); ``output`` picks one output of
     a multi-output Keras model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(
         default=None, description="the member's name (unique in the recipe); null: the file's stem"
@@ -118,11 +114,9 @@ class MemberSpec(BaseModel):
         return self
 
 
-class MergeSpec(BaseModel):
+class MergeSpec(StrictSpec):
     """Merge the members' bodies in weight space before the union method combines their heads
     (:func:`netmeld.merge_members`; ``method: zipit`` is :func:`netmeld.zip_members`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str = Field(description="the weight-merging kernel, or `zipit` (ZipIt!)")
     base: str | None = Field(
@@ -174,10 +168,8 @@ class MergeSpec(BaseModel):
         return self
 
 
-class Recipe(BaseModel):
+class Recipe(StrictSpec):
     """A whole ``netmeld meld`` recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     members: list[MemberSpec] = Field(min_length=1, description="the members to combine")
     method: str = Field(default="concat", description="how the members are combined")
@@ -292,17 +284,14 @@ def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
         from netmeld.methods.merge import merge_members, zip_members
 
         spec = recipe.merge
+        union: dict[str, Any] = {
+            "union": recipe.method,
+            "union_params": recipe.params,
+            "seed": recipe.seed,
+            "progress": progress,
+        }
         if spec.method == "zipit":
-            return zip_members(
-                members,
-                data,
-                layers=spec.layers,
-                alpha=spec.alpha,
-                union=recipe.method,
-                union_params=recipe.params,
-                seed=recipe.seed,
-                progress=progress,
-            )
+            return zip_members(members, data, layers=spec.layers, alpha=spec.alpha, **union)
         return merge_members(
             members,
             spec.method,
@@ -311,10 +300,7 @@ def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
             params=spec.params,
             data=data,
             align=spec.align,
-            union=recipe.method,
-            union_params=recipe.params,
-            seed=recipe.seed,
-            progress=progress,
+            **union,
         )
     return meld(
         members,

@@ -6,9 +6,9 @@ does."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from netmeld.cli.recipes.meld import (
     MemberSpec,
@@ -19,7 +19,7 @@ from netmeld.cli.recipes.meld import (
     resolve_path,
 )
 from netmeld.errors import MethodError, RecipeError
-from netmeld.io.recipe_file import read_yaml
+from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.members.member import Member, Preprocessing
 from netmeld.members.trust import reading_files
 from netmeld.methods import get_method
@@ -28,10 +28,8 @@ from netmeld.methods.fusion.parts import FUSION_KINDS, FUSIONS, WEIGHTINGS
 from netmeld.methods.fusion.training import SCHEDULE as TRAIN_SCHEDULE
 
 
-class StudentSpec(BaseModel):
+class StudentSpec(StrictSpec):
     """The student of a distillation recipe: an architecture with one output per union label."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = Field(
         description="the student's builder, as a member's `architecture`; built with one "
@@ -45,12 +43,10 @@ class StudentSpec(BaseModel):
     )
 
 
-class ScheduleSpec(BaseModel):
+class ScheduleSpec(StrictSpec):
     """A recipe's ``schedule:``; its defaults are the trainer's own (:data:`TRAIN_SCHEDULE`
     for ``netmeld train``, :data:`DISTILL_SCHEDULE` for ``netmeld distill``), so a recipe and
     the Python call train the same way by default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(description="passes over the data")
     batch_size: int = Field(description="examples per step (the global batch under DDP)")
@@ -74,43 +70,41 @@ class ScheduleSpec(BaseModel):
         )
 
 
-class DistillSchedule(ScheduleSpec):
-    """``netmeld distill``'s schedule, defaulting to :data:`netmeld.methods.distill.SCHEDULE`."""
-
-    epochs: int = Field(default=DISTILL_SCHEDULE.epochs, description="passes over the data")
-    batch_size: int = Field(
-        default=DISTILL_SCHEDULE.batch_size,
-        description="examples per step (the global batch under DDP)",
-    )
-    lr: float = Field(
-        default=DISTILL_SCHEDULE.lr, description="the peak learning rate (AdamW, cosine decay)"
-    )
-    weight_decay: float = Field(
-        default=DISTILL_SCHEDULE.weight_decay, description="AdamW's weight decay"
-    )
-
-
-class TrainSchedule(ScheduleSpec):
-    """``netmeld train``'s schedule, defaulting to the fusion trainer's (``netmeld.train``)."""
-
-    epochs: int = Field(default=TRAIN_SCHEDULE.epochs, description="passes over the data")
-    batch_size: int = Field(
-        default=TRAIN_SCHEDULE.batch_size,
-        description="examples per step (the global batch under DDP)",
-    )
-    lr: float = Field(
-        default=TRAIN_SCHEDULE.lr, description="the peak learning rate (AdamW, cosine decay)"
-    )
-    weight_decay: float = Field(
-        default=TRAIN_SCHEDULE.weight_decay, description="AdamW's weight decay"
-    )
+def _schedule(name: str, defaults: Any, doc: str) -> type[ScheduleSpec]:
+    """A :class:`ScheduleSpec` whose defaults are a trainer's ``SCHEDULE`` (the descriptions
+    stay ScheduleSpec's)."""
+    fields = {
+        key: (
+            ScheduleSpec.model_fields[key].annotation,
+            Field(
+                default=getattr(defaults, key),
+                description=ScheduleSpec.model_fields[key].description,
+            ),
+        )
+        for key in ("epochs", "batch_size", "lr", "weight_decay")
+    }
+    return create_model(name, __base__=ScheduleSpec, __doc__=doc, **fields)  # type: ignore[call-overload]
 
 
-class DistillRecipe(BaseModel):
+if TYPE_CHECKING:
+    DistillSchedule = ScheduleSpec
+    TrainSchedule = ScheduleSpec
+else:
+    DistillSchedule = _schedule(
+        "DistillSchedule",
+        DISTILL_SCHEDULE,
+        "``netmeld distill``'s schedule, defaulting to :data:`netmeld.methods.distill.SCHEDULE`.",
+    )
+    TrainSchedule = _schedule(
+        "TrainSchedule",
+        TRAIN_SCHEDULE,
+        "``netmeld train``'s schedule, defaulting to the fusion trainer's (``netmeld.train``).",
+    )
+
+
+class DistillRecipe(StrictSpec):
     """A ``netmeld distill`` recipe: teachers (members, or a saved combined model), how they
     are combined, the student, the unlabeled data (or a data-free budget) and the schedule."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     teachers: list[MemberSpec] | None = Field(
         default=None, description="the teachers, as a meld recipe's members (or give `teacher`)"
@@ -154,7 +148,7 @@ class DistillRecipe(BaseModel):
         description="softens both distributions; the loss is T² · KL(teacher ‖ student)",
     )
     schedule: DistillSchedule = Field(
-        default_factory=DistillSchedule, description="the training schedule"
+        default_factory=cast(Any, DistillSchedule), description="the training schedule"
     )
     seed: int = Field(default=0, description="random seed")
 
@@ -270,10 +264,8 @@ def _run_distill_recipe(
 # -- netmeld train ----------------------------------------------------------------------------
 
 
-class PartSpec(BaseModel):
+class PartSpec(StrictSpec):
     """A part of a fused network: a trained member, or a fresh architecture (head dropped)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(
         default=None,
@@ -298,7 +290,7 @@ class PartSpec(BaseModel):
         return self
 
 
-class TrainRecipe(BaseModel):
+class TrainRecipe(StrictSpec):
     """A ``netmeld train`` recipe: a fusion architecture, its parts, labeled data, a schedule.
 
     ``build: parallel`` takes ``branches`` (and ``fuse``, ``dim``, ``inputs``);
@@ -306,8 +298,6 @@ class TrainRecipe(BaseModel):
     ``adapt``); ``multitask`` takes ``trunk`` and ``tasks`` (and ``weighting``,
     ``loss_weights``, ``alpha``); its ``data`` maps each task to a folder or CSV.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     build: str = Field(description="the fusion architecture")
     branches: list[PartSpec] | None = Field(
@@ -374,7 +364,7 @@ class TrainRecipe(BaseModel):
         "mapping of each task to its own"
     )
     schedule: TrainSchedule = Field(
-        default_factory=TrainSchedule, description="the training schedule"
+        default_factory=cast(Any, TrainSchedule), description="the training schedule"
     )
     seed: int = Field(default=0, description="random seed")
 
@@ -501,35 +491,32 @@ def _run_train_recipe(
     return fusion_train(model, data, config=config, seed=recipe.seed, progress=progress)
 
 
-def run_distill_recipe(
-    path: str | Path,
-    *,
-    checkpoint_dir: str | None = None,
-    resume: bool = False,
-    progress: bool | None = None,
-    trust_code: bool = False,
-) -> Any:
-    """Read a distillation recipe and return the distilled one-member combined model. Only
-    trusted architecture builders run (see :func:`netmeld.trust_builder`) unless
-    ``trust_code=True``."""
-    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
-        return _run_distill_recipe(
-            path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
-        )
+def _trusted(run: Any, doc: str) -> Any:
+    """``run`` (a recipe runner) reading under the builder allowlist, with ``trust_code=``."""
+
+    def runner(
+        path: str | Path,
+        *,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        progress: bool | None = None,
+        trust_code: bool = False,
+    ) -> Any:
+        with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
+            return run(path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+
+    runner.__name__ = runner.__qualname__ = run.__name__.lstrip("_")
+    runner.__doc__ = (
+        f"{doc} Only trusted architecture builders run (see :func:`netmeld.trust_builder`) "
+        "unless ``trust_code=True``."
+    )
+    return runner
 
 
-def run_train_recipe(
-    path: str | Path,
-    *,
-    checkpoint_dir: str | None = None,
-    resume: bool = False,
-    progress: bool | None = None,
-    trust_code: bool = False,
-) -> Any:
-    """Read a ``netmeld train`` recipe, build the fused model and train it. Only
-    trusted architecture builders run (see :func:`netmeld.trust_builder`) unless
-    ``trust_code=True``."""
-    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
-        return _run_train_recipe(
-            path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
-        )
+run_distill_recipe = _trusted(
+    _run_distill_recipe,
+    "Read a distillation recipe and return the distilled one-member combined model.",
+)
+run_train_recipe = _trusted(
+    _run_train_recipe, "Read a ``netmeld train`` recipe, build the fused model and train it."
+)
