@@ -400,3 +400,20 @@ def test_every_fusion_kind_trains_saves_and_loads_equal(kind, digits, tmp_path):
     out.save(tmp_path / kind)
     loaded = netmeld.load(tmp_path / kind)
     torch.testing.assert_close(loaded(test_x[:16]), out(test_x[:16]), atol=1e-6, rtol=0)
+
+
+def test_hierarchical_cuts_after_a_whole_block_with_its_residual_add():
+    from netmeld.zoo import resnet20
+
+    torch.manual_seed(0)
+    r = resnet20(num_classes=2)
+    first = netmeld.Member(r, ["a", "b"], name="r", preprocessing={"input_shape": (3, 32, 32)})
+    second = netmeld.Architecture("netmeld.zoo:small_cnn", {"in_channels": 3, "width": 4})
+    model = fusion.hierarchical(
+        first, second, ["a", "b"], cut="layer2", second_input_shape=(3, 32, 32)
+    )
+    assert model.method["params"]["first_features"] == [32, 16, 16]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = r.layer2(r.layer1(torch.relu(r.bn1(r.conv1(x)))))
+        torch.testing.assert_close(model.members[0].module.first(x), expected)

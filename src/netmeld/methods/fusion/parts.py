@@ -57,8 +57,17 @@ def _member_from_spec(spec: Mapping[str, Any]) -> Member:
     )
 
 
+def _inside(node: Any, cut: str) -> bool:
+    """Whether fx ``node`` computes part of submodule ``cut`` (a layer, or a block such as a
+    ResNet's ``layer2``: its residual adds and activations too, by fx's module stack)."""
+    paths = [str(node.target)] if node.op == "call_module" else []
+    paths += [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == cut or p.startswith(cut + ".") for p in paths)
+
+
 def _body(member: Member, cut: str | None = None) -> nn.Module:
-    """The member's computation up to its head's input, or up to submodule ``cut``'s output."""
+    """The member's computation up to its head's input, or up to submodule ``cut``'s output
+    (a layer or a block of layers)."""
     t = trace_member(member)
     if cut is None:
         if not t.traced:
@@ -72,7 +81,7 @@ def _body(member: Member, cut: str | None = None) -> nn.Module:
             f"member {member.name!r}: torch.fx cannot trace it ({t.failure}), so it cannot be "
             f"cut at {cut!r}; use the whole body (cut=None)"
         )
-    index = [i for i, n in enumerate(t.body) if n.op == "call_module" and n.target == cut]
+    index = [i for i, n in enumerate(t.body) if _inside(n, cut)]
     if not index:
         blocks = sorted({str(n.target).split(".")[0] for n in t.body if n.op == "call_module"})
         raise MemberError(
