@@ -227,3 +227,20 @@ def test_train_recipe_and_netmeld_train_share_their_default_schedule():
         }
         assert defaults == {k: getattr(schedule, k) for k in defaults}, fn.__name__
         assert len(defaults) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "m", "--data", "d", "--batch-size", "0"], "--batch-size: 0 must be > 0"),
+        (["predict", "m", "x.png", "--top", "-1"], "--top: -1 must be > 0"),
+        (["extend", "m", "--examples", "e", "-o", "o", "--lr", "nan"], "not a finite number"),
+        (["extend", "m", "--examples", "e", "-o", "o", "--steps", "x"], "'x' is not an integer"),
+        (["extend", "m", "--examples", "e", "-o", "o", "--max-false-positives", "1"], "< 1"),
+    ],
+)
+def test_bad_option_values_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import netmeld.cli.commands as commands
@@ -20,6 +21,36 @@ def _training_arguments(p: argparse.ArgumentParser, what: str) -> None:
         "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def _number(kind: type, low: float | None, high: float | None, *, strict: bool) -> Any:
+    """An argparse type: a finite ``kind`` above ``low`` (``strict``: not equal to it) and
+    below ``high``; anything else is argparse's one-line usage error naming the option."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value < low or (strict and value == low)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        if high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{text} must be < {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 0, None, strict=True)
+COUNT = _number(int, 0, None, strict=False)
+POSITIVE = _number(float, 0, None, strict=True)
+NON_NEGATIVE = _number(float, 0, None, strict=False)
+SHARE = _number(float, 0, 1, strict=True)
 
 
 def _trust_argument(p: argparse.ArgumentParser) -> None:
@@ -123,7 +154,9 @@ def _export(sub: Any) -> None:
     )
     p.add_argument("model", help="a netmeld model folder (netmeld.json + model.safetensors)")
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument(
+        "--opset", type=POSITIVE_INT, default=17, help="ONNX opset (default: %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_export)
@@ -164,7 +197,7 @@ def _eval(sub: Any) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE_INT,
         default=256,
         help="batch size for evaluation and latency (default: %(default)s)",
     )
@@ -197,22 +230,22 @@ def _extend(sub: Any) -> None:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=COUNT,
         default=300,
         help="fine-tuning steps after imprinting; 0 for imprinting only (default: %(default)s)",
     )
     p.add_argument(
-        "--lr", type=float, default=1e-2, help="fine-tuning learning rate (default: %(default)s)"
+        "--lr", type=POSITIVE, default=1e-2, help="fine-tuning learning rate (default: %(default)s)"
     )
     p.add_argument(
         "--distill",
-        type=float,
+        type=NON_NEGATIVE,
         default=1.0,
         help="weight of the distillation of old outputs (default: %(default)s)",
     )
     p.add_argument(
         "--max-false-positives",
-        type=float,
+        type=SHARE,
         default=0.005,
         help="share of the other inputs each new class may claim; sets its threshold "
         "(default: %(default)s)",
@@ -231,7 +264,9 @@ def _predict(sub: Any) -> None:
     )
     p.add_argument("model", help="a combined-model folder")
     p.add_argument("files", nargs="+", help="image files, or folders of images")
-    p.add_argument("--top", type=int, default=3, help="labels to show per image (default: 3)")
+    p.add_argument(
+        "--top", type=POSITIVE_INT, default=3, help="labels to show per image (default: 3)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_predict)
