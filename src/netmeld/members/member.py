@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netmeld.errors import CheckpointError, MemberError
+from netmeld.errors import CheckpointError, MemberError, NetmeldError, UntrustedCodeError
 from netmeld.io.checkpoint_merge import diff_tensors
 from netmeld.members.trust import check_builder
 
@@ -205,9 +205,12 @@ class Architecture:
                 kwargs.setdefault("num_classes", num_classes)
         try:
             model = builder(**kwargs)
-        except TypeError as exc:
+        except NetmeldError:
+            raise
+        except Exception as exc:  # the builder's own complaint, e.g. a negative width
             raise MemberError(
-                f"architecture {self.spec!r}: calling the builder with {kwargs} failed: {exc}"
+                f"architecture {self.spec!r}: calling the builder with {kwargs} failed: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         if not isinstance(model, nn.Module):
             raise MemberError(
@@ -215,6 +218,25 @@ class Architecture:
                 "expected a torch.nn.Module"
             )
         return model
+
+    def build_within(self, num_classes: int | None, numbers: int) -> nn.Module:
+        """:meth:`build`, after checking on the ``meta`` device (no memory) that the module
+        holds at most ``numbers`` numbers: those of the tensors it is about to take. A width
+        from a file that would need terabytes is refused before anything is allocated."""
+        try:
+            with torch.device("meta"):
+                probe = self.build(num_classes=num_classes)
+            needed = sum(t.numel() for t in probe.state_dict().values())
+        except UntrustedCodeError:
+            raise
+        except Exception:  # a builder that cannot run on meta: build it for real below
+            needed = 0
+        if needed > numbers:
+            raise MemberError(
+                f"architecture {self.spec} with {dict(self.kwargs)} has {needed:,} numbers, "
+                f"the tensors it is to take only {numbers:,}; refusing to build it"
+            )
+        return self.build(num_classes=num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "kwargs": dict(self.kwargs)}
@@ -392,8 +414,16 @@ class Member:
         label_names = read_labels(labels)
         name = name or re.sub(r"[^A-Za-z0-9_\-]", "-", path.stem)
         arch = Architecture.parse(architecture, architecture_kwargs)
-        module = arch.build(num_classes=len(label_names))
-        load_into(module, read_state_dict(path), what=f"member {name!r} ({str(path)!r})")
+        tensors = read_state_dict(path)
+        what = f"member {name!r} ({str(path)!r})"
+        numbers = sum(t.numel() for t in tensors.values())
+        try:
+            module = arch.build_within(len(label_names), numbers)
+        except UntrustedCodeError:
+            raise
+        except MemberError as exc:
+            raise MemberError(f"{what}: {exc}") from exc
+        load_into(module, tensors, what=what)
         return cls(
             module,
             label_names,

@@ -22,7 +22,6 @@ from netmeld.errors import (
     LabelError,
     MemberError,
     ModelFileError,
-    NetmeldError,
     validation_problems,
 )
 from netmeld.io.recipe_file import StrictSpec
@@ -207,31 +206,10 @@ def _build_member(spec: _MemberEntry, numbers: int, where: str) -> Member:
     try:
         arch = Architecture(current_spec(spec.architecture.spec), spec.architecture.kwargs)
         try:
-            with torch.device("meta"):
-                probe = arch.build(num_classes=len(spec.labels))
-            needed = sum(t.numel() for t in probe.state_dict().values())
-        except NetmeldError:
-            raise
-        except Exception:  # a builder that cannot run on meta: its size comes from the JSON
-            needed = 0
-        if needed > numbers:
-            raise ModelFileError(
-                f"architecture {arch.spec} with {dict(arch.kwargs)} has {needed:,} numbers, "
-                f"the saved tensors only {numbers:,}; refusing to build it"
-            )
-        try:
             preprocessing = Preprocessing.from_dict(spec.preprocessing)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"bad preprocessing {spec.preprocessing}: {exc}") from exc
-        try:
-            module = arch.build(num_classes=len(spec.labels))
-        except NetmeldError:
-            raise
-        except Exception as exc:
-            raise ModelFileError(
-                f"architecture {arch.spec} with {dict(arch.kwargs)} failed to build: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        module = arch.build_within(len(spec.labels), numbers)
         return Member(
             module,
             spec.labels,
