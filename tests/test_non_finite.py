@@ -51,3 +51,19 @@ def test_a_diverged_fit_is_refused(digits2):
     data = (digits2.pool[few], [digits2.pool_labels[i] for i in few])
     with pytest.raises(MethodError, match="non-finite values"):
         netmeld.meld(digits2.members, "finetune", data, params={"lr": 1e30, "steps": 20})
+
+
+def test_labeled_data_of_one_class_is_refused(digits2):
+    idx = [i for i, label in enumerate(digits2.pool_labels) if label == "3"][:30]
+    data = (digits2.pool[idx], [digits2.pool_labels[i] for i in idx])
+    with pytest.raises(DataError, match=r"at least two labels.*only \['3'\]"):
+        netmeld.meld(digits2.members, "calibrate", data)
+
+
+def test_a_member_whose_labels_never_occur_is_named(digits2):
+    first = set(digits2.members[0].labels)
+    idx = [i for i, label in enumerate(digits2.pool_labels) if label not in first][:60]
+    data = (digits2.pool[idx], [digits2.pool_labels[i] for i in idx])
+    name = digits2.members[0].name
+    with pytest.warns(UserWarning, match=rf"label of member '{name}'"):
+        netmeld.meld(digits2.members, "stack", data)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from netmeld.data import load_data
-from netmeld.errors import IncompatibleMembersError, MethodError
+from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._extract import extract
 from netmeld.methods._registry import get_method
@@ -83,6 +83,7 @@ def meld(
                     label for label in dict.fromkeys(loaded.labels) if label not in label_space
                 ]
             targets = loaded.label_indices(label_space)
+            _check_labeled_data(model, method, loaded.labels, loaded.source)
         extracted = extract(model, loaded.inputs, progress=progress)
         extracted.inputs = loaded.inputs
         extracted.label_space = label_space
@@ -107,3 +108,25 @@ def meld(
         "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
     }
     return model.eval()
+
+
+def _check_labeled_data(
+    model: CombinedModel, method: str, labels: list[str], source: str
+) -> None:
+    """Degenerate labeled data: one label only is an error (nothing shows how the members
+    compare); a member none of whose labels occur is a warning naming it."""
+    present = set(labels)
+    if len(present) < 2:
+        raise DataError(
+            f"{source}: method {method!r} needs examples of at least two labels; the data holds "
+            f"only {sorted(present)} ({len(labels)} examples), so the fit could only learn to "
+            "answer that label"
+        )
+    for member in model.members:
+        if not present & set(member.labels):
+            warnings.warn(
+                f"method {method!r}: no example in {source} has a label of member "
+                f"{member.name!r} ({', '.join(member.labels[:5])}); what it fits for that member "
+                "is a guess",
+                stacklevel=3,
+            )
