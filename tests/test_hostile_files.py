@@ -158,3 +158,21 @@ def test_a_recipe_width_that_does_not_fit_its_checkpoint_is_refused_unbuilt(reci
     message = "refusing to build it" if hidden > 0 else "negative dimension"
     with pytest.raises(netmeld.MemberError, match=rf"member 'b'.*{message}"):
         recipe_members(spec, base)
+
+
+def test_a_checkpoint_with_integer_weights_is_refused_naming_the_tensor(recipe_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(recipe_dir / "a.safetensors"))
+    key = next(k for k in sorted(tensors) if k.endswith("weight"))
+    tensors[key] = tensors[key].long()
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    arch = "netmeld.zoo:mlp"
+    with pytest.raises(netmeld.CheckpointError, match=rf"{key!r} is int64.*expects float32"):
+        netmeld.Member.from_checkpoint(
+            tmp_path / "a.safetensors",
+            arch,
+            ["x", "y"],
+            preprocessing={"input_shape": (4,)},
+            architecture_kwargs={"in_features": 4, "hidden": 4},
+        )

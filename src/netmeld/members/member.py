@@ -27,6 +27,9 @@ from netmeld.members.trust import check_builder
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
+# a module may be built with this many numbers beyond twice the tensors it is to take (the
+# tensor-by-tensor check then names the mismatch); more is refused before allocating
+BUILD_SLACK = 10_000_000
 MAX_INPUT_NUMBERS = 2**28  # one input of a member: at most this many numbers (1 GiB)
 
 
@@ -221,8 +224,9 @@ class Architecture:
 
     def build_within(self, num_classes: int | None, numbers: int) -> nn.Module:
         """:meth:`build`, after checking on the ``meta`` device (no memory) that the module
-        holds at most ``numbers`` numbers: those of the tensors it is about to take. A width
-        from a file that would need terabytes is refused before anything is allocated."""
+        holds not much more than ``numbers`` numbers, those of the tensors it is about to take
+        (twice them plus :data:`BUILD_SLACK`): a width from a file that would need terabytes is
+        refused before anything is allocated."""
         try:
             with torch.device("meta"):
                 probe = self.build(num_classes=num_classes)
@@ -231,7 +235,7 @@ class Architecture:
             raise
         except Exception:  # a builder that cannot run on meta: build it for real below
             needed = 0
-        if needed > numbers:
+        if needed > 2 * numbers + BUILD_SLACK:  # a smaller mismatch: load_into names the tensor
             raise MemberError(
                 f"architecture {self.spec} with {dict(self.kwargs)} has {needed:,} numbers, "
                 f"the tensors it is to take only {numbers:,}; refusing to build it"
@@ -304,6 +308,16 @@ def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, what: s
             f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
             f"the architecture expects {tuple(expected[name].shape)}"
         )
+    for name, want in expected.items():  # a float tensor never takes integers, nor the reverse
+        got = tensors.get(name)
+        if got is not None and (
+            got.is_floating_point() != want.is_floating_point()
+            or (got.dtype == torch.bool) != (want.dtype == torch.bool)
+        ):
+            raise CheckpointError(
+                f"{what}: tensor {name!r} is {str(got.dtype).removeprefix('torch.')}, the "
+                f"architecture expects {str(want.dtype).removeprefix('torch.')}"
+            )
     if diff.missing:
         raise CheckpointError(
             f"{what}: tensor {diff.missing[0]!r} is missing from the checkpoint"
