@@ -67,3 +67,17 @@ def test_a_member_whose_labels_never_occur_is_named(digits2):
     name = digits2.members[0].name
     with pytest.warns(UserWarning, match=rf"label of member '{name}'"):
         netmeld.meld(digits2.members, "stack", data)
+
+
+def test_files_an_image_folder_does_not_read_are_named(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"1 files are not images.*notes\.txt"):
+        data = netmeld.load_data(tmp_path, (1, 8, 8))
+    assert len(data) == 1
+    (tmp_path / "cat" / "b.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"b\.png.*cannot be read"):
+        netmeld.load_data(tmp_path, (1, 8, 8))

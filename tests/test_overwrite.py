@@ -83,3 +83,18 @@ def test_merge_recipe_weights_must_be_numbers(checkpoints, weight, capsys):  # n
     err = capsys.readouterr().err
     assert "models[0] ('a'): weight" in err and "unexpected" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_weights_twice_gives_the_same_bytes(checkpoints):  # noqa: F811
+    tmp_path = checkpoints[0]
+    recipe = _recipe(tmp_path, merge_method="dare", parameters={"seed": 3})  # a random mask
+    outs = []
+    for i in range(2):
+        torch.manual_seed(i)
+        assert main(["merge-weights", recipe, "-o", str(tmp_path / f"o{i}")]) == 0
+        outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"o{i}").iterdir())})
+    assert outs[0] == outs[1]
+    other = _recipe(tmp_path, merge_method="dare", parameters={"seed": 4})
+    assert main(["merge-weights", other, "-o", str(tmp_path / "o2")]) == 0
+    again = {p.name: p.read_bytes() for p in sorted((tmp_path / "o2").iterdir())}
+    assert again != outs[0]

@@ -16,6 +16,7 @@ Raw inputs are floats: images ``(C, H, W)`` in ``[0, 1]`` (``uint8`` arrays are 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,24 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _warn_skipped(folder: Path, places: list[Path]) -> None:
+    """Say which files of an image folder are not read (not images by their suffix)."""
+    skipped = sorted(
+        p
+        for place in places
+        for p in place.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
+    )
+    if skipped:
+        shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(
+            f"{str(folder)!r}: {len(skipped)} files are not images and are not read ({shown}"
+            f"{more}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}",
+            stacklevel=4,
+        )
+
+
 def _read_folder(folder: Path, shape: tuple[int, ...], what: str, progress: bool | None) -> Data:
     if not folder.exists():
         raise DataError(f"{what}: folder {str(folder)!r} does not exist")
@@ -332,6 +351,7 @@ def _read_folder(folder: Path, shape: tuple[int, ...], what: str, progress: bool
             files.extend((p, sub.name) for p in found)
     else:
         files = [(p, None) for p in image_files(folder)]
+    _warn_skipped(folder, [folder, *subdirs] if subdirs else [folder])
     if not files:
         raise DataError(
             f"{what}: folder {str(folder)!r} has no images and no label subfolders; expected "
