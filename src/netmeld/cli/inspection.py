@@ -49,7 +49,8 @@ def _inspect_members(
     items: Sequence[Item], arch: str | None, arch_kwargs: dict[str, Any]
 ) -> list[Member]:
     from netmeld.cli.recipes import read_recipe, recipe_members
-    from netmeld.members.member import Member, Preprocessing, read_state_dict
+    from netmeld.members.checkpoint import read_state_dict
+    from netmeld.members.member import Member, Preprocessing
     from netmeld.model.artifact import load
     from netmeld.model.combined import CONFIG_FILE
 

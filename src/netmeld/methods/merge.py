@@ -23,7 +23,8 @@ from torch import nn
 from netmeld._progress import track
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.io.checkpoint_merge import merge_state_dicts
-from netmeld.members.member import Member, read_state_dict
+from netmeld.members.checkpoint import read_state_dict
+from netmeld.members.member import Member
 from netmeld.methods._bodies import body_states, check_members, prepared, rebuild, union_of
 from netmeld.methods.permutation import (
     PermutationSpec,
