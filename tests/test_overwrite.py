@@ -98,3 +98,18 @@ def test_merge_weights_twice_gives_the_same_bytes(checkpoints):  # noqa: F811
     assert main(["merge-weights", other, "-o", str(tmp_path / "o2")]) == 0
     again = {p.name: p.read_bytes() for p in sorted((tmp_path / "o2").iterdir())}
     assert again != outs[0]
+
+
+def test_export_overwrite_replaces_only_an_onnx_file_netmeld_wrote(digits2, tmp_path):
+    pytest.importorskip("onnx")
+    model = netmeld.meld(digits2.members, "concat")
+    mine = tmp_path / "notes.onnx"
+    mine.write_text("my notes")
+    with pytest.raises(netmeld.ModelFileError, match="not an ONNX file netmeld wrote"):
+        netmeld.export(model, mine, overwrite=True, check=False)
+    assert mine.read_text() == "my notes"
+    ours = tmp_path / "m.onnx"
+    netmeld.export(model, ours, check=False)
+    netmeld.export(model, ours, overwrite=True, check=False)  # ours: replaced
+    with pytest.raises(netmeld.ModelFileError, match="exists; pass overwrite"):
+        netmeld.export(model, ours, check=False)

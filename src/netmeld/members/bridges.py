@@ -330,8 +330,7 @@ def export_onnx(
     ``atol`` it is an error.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    _check_onnx_replaceable(path, overwrite)
     input_shape = tuple(getattr(model, "input_shape", ()))
     if not input_shape:
         raise DataError("export needs a model with an input_shape")
@@ -355,6 +354,7 @@ def export_onnx(
             )
         except Exception as exc:
             raise ModelFileError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
+        _mark_onnx(tmp)
         diff = _check_onnx(model, tmp, input_shape) if check else None
         if diff is not None and diff > atol:
             raise ModelFileError(
@@ -364,6 +364,47 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return diff
+
+
+ONNX_MARK = ("written_by", "netmeld")  # metadata of every ONNX file netmeld writes
+
+
+def _mark_onnx(path: Path) -> None:
+    """Record in the file's metadata that netmeld wrote it (what ``overwrite`` checks)."""
+    try:
+        import onnx
+    except ImportError:  # torch.onnx without the onnx package: the file stays unmarked
+        return
+    proto = onnx.load(str(path), load_external_data=False)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_MARK
+    onnx.save(proto, str(path))
+
+
+def _check_onnx_replaceable(path: Path, overwrite: bool) -> None:
+    """``overwrite`` replaces only an ONNX file netmeld wrote: never a link, a folder, or a
+    file of the user's."""
+    if path.is_symlink():
+        raise ModelFileError(f"{str(path)!r} is a symbolic link; give the real path")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    if not path.is_file():
+        raise ModelFileError(f"{str(path)!r} exists and is not a file; refusing to replace it")
+    try:
+        import onnx
+
+        props = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
+    except Exception:  # not ONNX at all, or unreadable
+        props = {}
+    if props.get(ONNX_MARK[0]) != ONNX_MARK[1]:
+        raise ModelFileError(
+            f"{str(path)!r} exists and is not an ONNX file netmeld wrote; refusing to replace "
+            "it, even with overwrite"
+        )
 
 
 def _check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> float | None:
