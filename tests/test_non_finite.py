@@ -81,3 +81,30 @@ def test_files_an_image_folder_does_not_read_are_named(tmp_path):
     (tmp_path / "cat" / "b.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"b\.png.*cannot be read"):
         netmeld.load_data(tmp_path, (1, 8, 8))
+
+
+def test_skip_unreadable_leaves_out_and_names_broken_images(digits2, tmp_path, capsys):
+    from PIL import Image
+
+    from netmeld.cli import main
+
+    for label in ("0", "1"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=60 * i).save(tmp_path / "d" / label / f"{i}.png")
+    (tmp_path / "d" / "1" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 5 images.*broken\.png"):
+        data = netmeld.load_data(tmp_path / "d", (1, 8, 8), skip_unreadable=True)
+    assert len(data) == 4 and data.labels == ["0", "0", "1", "1"]
+    model = netmeld.meld(digits2.members, "concat").save(tmp_path / "m")
+    assert main(["eval", str(model), "--data", str(tmp_path / "d")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["eval", str(model), "--data", str(tmp_path / "d"), "--skip-unreadable"]) == 0
+    capsys.readouterr()
+    files = [str(tmp_path / "d" / "0" / "0.png"), str(tmp_path / "d" / "1" / "broken.png")]
+    assert main(["predict", str(model), *files, "--json", "--skip-unreadable"]) == 0
+    out = capsys.readouterr()
+    import json
+
+    assert [r["file"] for r in json.loads(out.out)] == files[:1]
+    assert "skipped 1 of 2 files" in out.err

@@ -72,11 +72,14 @@ def load_data(
     progress: bool | None = None,
     feature_names: Sequence[str] | None = None,
     label_column: str = "label",
+    skip_unreadable: bool = False,
 ) -> Data:
     """Read ``data`` into a :class:`Data` whose inputs have shape ``(N, *input_shape)``.
 
     ``feature_names``: for tables, the columns to read, in order (a DataFrame's or CSV file's
-    other columns are ignored; a missing one is an error).
+    other columns are ignored; a missing one is an error). ``skip_unreadable``: an image file
+    that cannot be read is left out and counted in one warning naming them (by default it is an
+    error naming the file).
     """
     shape = tuple(int(s) for s in input_shape)
     if data is None:
@@ -86,7 +89,7 @@ def load_data(
     elif isinstance(data, (str, Path)) and str(data).lower().endswith(".csv"):
         result = _read_csv(Path(data), feature_names, label_column, what)
     elif isinstance(data, (str, Path)):
-        result = _read_folder(Path(data), shape, what, progress)
+        result = _read_folder(Path(data), shape, what, progress, skip_unreadable)
     elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (int, float)):
         inputs, labels = data
         x = _to_inputs(_from_frame(inputs, feature_names, what), shape, what)
@@ -162,9 +165,11 @@ def _read_csv(
     if not rows:
         raise DataError(f"{what}: {str(path)!r} is empty; expected a header row and data rows")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    wanted = list(feature_names) if feature_names is not None else [
-        h for h in header if h != label_column
-    ]
+    wanted = (
+        list(feature_names)
+        if feature_names is not None
+        else [h for h in header if h != label_column]
+    )
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(
@@ -333,7 +338,13 @@ def _warn_skipped(folder: Path, places: list[Path]) -> None:
         )
 
 
-def _read_folder(folder: Path, shape: tuple[int, ...], what: str, progress: bool | None) -> Data:
+def _read_folder(
+    folder: Path,
+    shape: tuple[int, ...],
+    what: str,
+    progress: bool | None,
+    skip_unreadable: bool = False,
+) -> Data:
     if not folder.exists():
         raise DataError(f"{what}: folder {str(folder)!r} does not exist")
     if folder.is_file():
@@ -357,11 +368,28 @@ def _read_folder(folder: Path, shape: tuple[int, ...], what: str, progress: bool
             f"{what}: folder {str(folder)!r} has no images and no label subfolders; expected "
             "image files, or one subfolder of images per label"
         )
-    xs = [
-        read_image(p, shape)
-        for p, _ in track(
-            files, f"reading {folder.name or folder}", total=len(files), enabled=progress
+    xs, kept, unreadable = [], [], []
+    for p, label in track(
+        files, f"reading {folder.name or folder}", total=len(files), enabled=progress
+    ):
+        try:
+            xs.append(read_image(p, shape))
+        except DataError:
+            if not skip_unreadable:
+                raise
+            unreadable.append(p)
+            continue
+        kept.append((p, label))
+    if unreadable:
+        shown = ", ".join(str(p.relative_to(folder)) for p in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        warnings.warn(
+            f"{str(folder)!r}: skipped {len(unreadable)} of {len(files)} images that cannot be "
+            f"read ({shown}{more})",
+            stacklevel=3,
         )
-    ]
+    if not xs:
+        raise DataError(f"{what}: no image in {str(folder)!r} could be read")
+    files = kept
     labels = [label for _, label in files] if subdirs else None
     return Data(torch.stack(xs), labels, str(folder))  # type: ignore[arg-type]

@@ -208,6 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         require_labels=True,
         what="--data",
         feature_names=first.feature_names,
+        skip_unreadable=args.skip_unreadable,
     )
     reports = [
         evaluate(m, data, name=f"{name} ({m.method.get('name')})", batch_size=args.batch_size)
@@ -260,7 +261,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
         files.extend(image_files(p) if p.is_dir() else [p])
     if not files:
         raise NetmeldError("no image files given")
-    x = torch.stack([read_image(p, model.input_shape) for p in files])
+    images: list[torch.Tensor] = []
+    unreadable: list[Path] = []
+    for p in files:
+        try:
+            images.append(read_image(p, model.input_shape))
+        except NetmeldError:
+            if not args.skip_unreadable:
+                raise
+            unreadable.append(p)
+    if unreadable:  # on stderr: --json output stays JSON
+        import warnings
+
+        shown = ", ".join(str(u) for u in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        warnings.warn(
+            f"skipped {len(unreadable)} of {len(files)} files that cannot be read ({shown}{more})",
+            stacklevel=1,
+        )
+    files = [p for p in files if p not in set(unreadable)]
+    if not files:
+        raise NetmeldError("no image given could be read")
+    x = torch.stack(images)
     probs = model.predict_proba(x)
     top = min(args.top, len(model.labels))
     rows = []

@@ -202,6 +202,12 @@ def _eval(sub: Any) -> None:
         help="batch size for evaluation and latency (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out image files that cannot be read and say which (default: such a file "
+        "is an error naming it)",
+    )
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_eval)
 
@@ -268,6 +274,12 @@ def _predict(sub: Any) -> None:
         "--top", type=POSITIVE_INT, default=3, help="labels to show per image (default: 3)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out image files that cannot be read and say which (default: such a file "
+        "is an error naming it)",
+    )
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_predict)
 
