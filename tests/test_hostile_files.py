@@ -22,6 +22,8 @@ from netmeld.cli.recipes import read_recipe, recipe_members
 from netmeld.errors import NetmeldError
 from netmeld.members.trust import reading_files
 
+from ._members import mlp_member
+
 HOSTILE_SPECS = ["os:system", "subprocess:run", "builtins:exec", "torch:load", "runpy:run_path"]
 
 scalars = st.one_of(
@@ -64,15 +66,7 @@ def _set(obj: Any, path: tuple, value: Any) -> Any:
 
 
 def _member(name: str, labels: list[str], seed: int) -> netmeld.Member:
-    torch.manual_seed(seed)
-    arch = netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 4, "hidden": 4})
-    return netmeld.Member(
-        arch.build(num_classes=len(labels)),
-        labels,
-        name=name,
-        preprocessing={"input_shape": (4,)},
-        architecture=arch,
-    )
+    return mlp_member(name, labels, seed, features=4, hidden=4)
 
 
 @pytest.fixture(scope="module")

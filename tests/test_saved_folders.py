@@ -15,17 +15,11 @@ from safetensors.torch import load_file, save_file
 import netmeld
 from netmeld.errors import ModelFileError
 
+from ._members import mlp_member
+
 
 def _member(name: str, labels: list[str], seed: int) -> netmeld.Member:
-    torch.manual_seed(seed)
-    arch = netmeld.Architecture("netmeld.zoo:mlp", {"in_features": 6, "hidden": 8})
-    return netmeld.Member(
-        arch.build(num_classes=len(labels)),
-        labels,
-        name=name,
-        preprocessing={"input_shape": (6,)},
-        architecture=arch,
-    )
+    return mlp_member(name, labels, seed, features=6, hidden=8)
 
 
 @pytest.fixture(scope="module")

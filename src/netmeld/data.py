@@ -320,6 +320,13 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def name_files(paths: Sequence[Path], root: Path | None = None, shown: int = 5) -> str:
+    """The first ``shown`` of ``paths`` (relative to ``root``), and how many more, for a
+    message."""
+    names = ", ".join(str(p.relative_to(root) if root else p) for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
 def _warn_skipped(folder: Path, places: list[Path]) -> None:
     """Say which files of an image folder are not read (not images by their suffix)."""
     skipped = sorted(
@@ -329,11 +336,9 @@ def _warn_skipped(folder: Path, places: list[Path]) -> None:
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
     )
     if skipped:
-        shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3])
-        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(
-            f"{str(folder)!r}: {len(skipped)} files are not images and are not read ({shown}"
-            f"{more}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}",
+            f"{str(folder)!r}: {len(skipped)} files are not images and are not read "
+            f"({name_files(skipped, folder)}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}",
             stacklevel=4,
         )
 
@@ -381,11 +386,9 @@ def _read_folder(
             continue
         kept.append((p, label))
     if unreadable:
-        shown = ", ".join(str(p.relative_to(folder)) for p in unreadable[:5])
-        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         warnings.warn(
             f"{str(folder)!r}: skipped {len(unreadable)} of {len(files)} images that cannot be "
-            f"read ({shown}{more})",
+            f"read ({name_files(unreadable, folder)})",
             stacklevel=3,
         )
     if not xs:

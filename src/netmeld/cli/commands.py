@@ -251,7 +251,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from netmeld.data import image_files, read_image
+    from netmeld.data import image_files, name_files, read_image
     from netmeld.model.artifact import load
 
     model = load(args.model)
@@ -273,10 +273,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if unreadable:  # on stderr: --json output stays JSON
         import warnings
 
-        shown = ", ".join(str(u) for u in unreadable[:5])
-        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         warnings.warn(
-            f"skipped {len(unreadable)} of {len(files)} files that cannot be read ({shown}{more})",
+            f"skipped {len(unreadable)} of {len(files)} files that cannot be read "
+            f"({name_files(unreadable)})",
             stacklevel=1,
         )
     files = [p for p in files if p not in set(unreadable)]

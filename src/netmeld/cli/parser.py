@@ -53,6 +53,15 @@ NON_NEGATIVE = _number(float, 0, None, strict=False)
 SHARE = _number(float, 0, 1, strict=True)
 
 
+def _skip_unreadable_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out image files that cannot be read and say which (default: such a file "
+        "is an error naming it)",
+    )
+
+
 def _trust_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-code",
@@ -202,12 +211,7 @@ def _eval(sub: Any) -> None:
         help="batch size for evaluation and latency (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument(
-        "--skip-unreadable",
-        action="store_true",
-        help="leave out image files that cannot be read and say which (default: such a file "
-        "is an error naming it)",
-    )
+    _skip_unreadable_argument(p)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_eval)
 
@@ -274,12 +278,7 @@ def _predict(sub: Any) -> None:
         "--top", type=POSITIVE_INT, default=3, help="labels to show per image (default: 3)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument(
-        "--skip-unreadable",
-        action="store_true",
-        help="leave out image files that cannot be read and say which (default: such a file "
-        "is an error naming it)",
-    )
+    _skip_unreadable_argument(p)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_predict)
 

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, ValidationError
 
 from netmeld.errors import (
+    CheckpointError,
     DataError,
     IncompatibleMembersError,
     LabelError,
@@ -24,7 +25,9 @@ from netmeld.errors import (
     ModelFileError,
     validation_problems,
 )
+from netmeld.io.checkpoint_merge import diff_tensors
 from netmeld.io.recipe_file import StrictSpec
+from netmeld.io.shards import CODES, CheckpointReader, TensorInfo
 from netmeld.members.graph import Group
 from netmeld.members.member import MAX_INPUT_NUMBERS, Architecture, Member, Preprocessing
 from netmeld.members.trust import reading_files
@@ -165,20 +168,15 @@ def read_config(config_path: Path) -> SavedConfig:
     return config
 
 
-def _tensor_headers(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of a safetensors file, read from its header only."""
-    from safetensors import SafetensorError, safe_open
-
+def _tensor_headers(weights_path: Path) -> dict[str, TensorInfo]:
+    """The tensors of the weights file, from its header only, checked as every checkpoint is
+    (:class:`~netmeld.io.shards.CheckpointReader`: offsets, sizes, dtypes)."""
     if not weights_path.is_file():
         raise ModelFileError(f"{str(weights_path.parent)!r}: {WEIGHTS_FILE} is missing")
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-            return {k: (tuple(v.get_shape()), v.get_dtype()) for k, v in slices.items()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(
-            f"{str(weights_path)!r}: not a readable safetensors file ({exc})"
-        ) from exc
+        return CheckpointReader(weights_path).tensors
+    except CheckpointError as exc:
+        raise ModelFileError(str(exc)) from exc
 
 
 def _bounded(value: Any, limit: int, where: str) -> None:
@@ -230,7 +228,7 @@ def _load(path: Path) -> CombinedModel:
     where = repr(str(config_path))
     weights_path = path / WEIGHTS_FILE
     headers = _tensor_headers(weights_path)
-    numbers = sum(math.prod(shape) for shape, _ in headers.values())
+    numbers = sum(math.prod(info.shape) for info in headers.values())
     for key in ("combiner", "extension"):
         _bounded(getattr(config, key) and config.model_dump()[key], numbers, f"{where}: {key}")
     _bounded(config.union.router_dim, numbers, f"{where}: union.router_dim")
@@ -272,40 +270,29 @@ def _load(path: Path) -> CombinedModel:
 
 
 def _check_tensors(
-    weights_path: Path,
-    headers: dict[str, tuple[tuple[int, ...], str]],
-    expected: dict[str, torch.Tensor],
+    weights_path: Path, headers: dict[str, TensorInfo], expected: dict[str, torch.Tensor]
 ) -> None:
     """The file holds exactly the model's tensors, each of its shape and dtype."""
     where = repr(str(weights_path))
+    diff = diff_tensors(
+        {k: v.shape for k, v in expected.items()}, {k: i.shape for k, i in headers.items()}
+    )
+    if diff.missing:
+        raise ModelFileError(f"{where}: tensor {diff.missing[0]!r} is missing")
+    if diff.reshaped:
+        key = diff.reshaped[0]
+        raise ModelFileError(
+            f"{where}: tensor {key!r} has shape {tuple(headers[key].shape)}, expected "
+            f"{tuple(expected[key].shape)}"
+        )
+    if diff.extra:
+        raise ModelFileError(f"{where}: unexpected tensor {sorted(diff.extra)[0]!r}")
     for key, value in expected.items():
-        if key not in headers:
-            raise ModelFileError(f"{where}: tensor {key!r} is missing")
-        shape, dtype = headers[key]
-        if shape != tuple(value.shape):
+        if headers[key].dtype != value.dtype:
             raise ModelFileError(
-                f"{where}: tensor {key!r} has shape {shape}, expected {tuple(value.shape)}"
+                f"{where}: tensor {key!r} is {CODES.get(headers[key].dtype)}, expected "
+                f"{CODES.get(value.dtype)}"
             )
-        want = _SAFETENSORS_DTYPES.get(value.dtype)
-        if dtype != want:
-            raise ModelFileError(f"{where}: tensor {key!r} is {dtype}, expected {want}")
-    extra = sorted(set(headers) - set(expected))
-    if extra:
-        raise ModelFileError(f"{where}: unexpected tensor {extra[0]!r}")
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 def _check_values(weights_path: Path, key: str, value: torch.Tensor) -> None:
