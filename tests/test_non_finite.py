@@ -3,6 +3,8 @@ evaluate and meld, CSV cells, preprocessing; and a fit that diverges."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -58,6 +60,20 @@ def test_labeled_data_of_one_class_is_refused(digits2):
     data = (digits2.pool[idx], [digits2.pool_labels[i] for i in idx])
     with pytest.raises(DataError, match=r"at least two labels.*only \['3'\]"):
         netmeld.meld(digits2.members, "calibrate", data)
+
+
+def test_fewer_examples_than_fitted_numbers_without_a_penalty_warn(digits2):
+    few = list(range(20))
+    data = (digits2.pool[few], [digits2.pool_labels[i] for i in few])
+    with pytest.warns(
+        netmeld.UnderdeterminedFitWarning, match=r"finetune fits [\d,]{3,} numbers from 20 examples"
+    ):
+        netmeld.meld(digits2.members, "finetune", data, params={"anchor": 0, "steps": 5})
+    with pytest.warns(netmeld.UnderdeterminedFitWarning, match="transfer fits .* from 20 examples"):
+        netmeld.meld(digits2.members, "transfer", data, params={"weight_decay": 0, "steps": 5})
+    with warnings.catch_warnings():  # a penalty pins the answer down: no warning
+        warnings.simplefilter("error", netmeld.UnderdeterminedFitWarning)
+        netmeld.meld(digits2.members, "finetune", data, params={"steps": 5})
 
 
 def test_a_member_whose_labels_never_occur_is_named(digits2):

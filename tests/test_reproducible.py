@@ -308,3 +308,21 @@ def test_cli_recipe_seed_sets_the_fresh_weights(workspace, tmp_path):
             weights.append((out / "model.safetensors").read_bytes())
         assert weights[0] == weights[1], command
         assert weights[0] != weights[2], command
+
+
+@pytest.mark.filterwarnings("ignore:extend:UserWarning")
+def test_meld_extend_and_load_leave_every_generator_alone(tmp_path, members, data, monkeypatch):
+    """A seeded fit must not re-seed the caller's GPU generators (``torch.manual_seed`` does),
+    and loading a folder builds its architectures without drawing from the global generator."""
+    gpu_seeds: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpu_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", gpu_seeds.append)
+    model = netmeld.meld(members, "finetune", data, params={"steps": 3})
+    extended = netmeld.extend(model, data[0][:10], ["new"] * 10, steps=3)
+    assert gpu_seeds == [], "a CPU fit re-seeded the GPU generators"
+    extended.save(tmp_path / "m")
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    loaded = netmeld.load(tmp_path / "m")
+    assert torch.equal(torch.random.get_rng_state(), before), "loading drew from the generator"
+    assert torch.equal(loaded.predict_proba(data[0][:4]), extended.predict_proba(data[0][:4]))

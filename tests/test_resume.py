@@ -111,6 +111,21 @@ def test_a_checkpoint_of_another_model_or_other_data_is_refused(tmp_path):
     assert state_equal(_run(_config(tmp_path, resume=True)), full)  # the same run resumes
 
 
+def test_a_checkpoint_whose_steps_ran_in_another_precision_is_refused(tmp_path):
+    """A run with mixed precision on a GPU resumed on a CPU (or the other way) computes other
+    steps: the precision is part of what a resume must share."""
+    import json
+
+    _killed(tmp_path)
+    state = tmp_path / "last" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["precision"] == "float32"
+    meta["precision"] = "bfloat16"
+    state.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"steps in bfloat16 \(this run: float32\)"):
+        _run(_config(tmp_path, resume=True))
+
+
 def test_a_kill_between_the_two_renames_is_restored_on_resume(tmp_path):
     """The checkpoint moved aside (``.last.old-PID``) and the new one not yet in place."""
     full = _run(_config(tmp_path / "whole"))

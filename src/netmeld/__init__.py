@@ -19,6 +19,7 @@ from netmeld.errors import (
     ModelFileError,
     NetmeldError,
     RecipeError,
+    UnderdeterminedFitWarning,
     UntrustedCodeError,
 )
 from netmeld.evaluate import Report, compare, evaluate
@@ -59,6 +60,7 @@ __all__ = [
     "Preprocessing",
     "RecipeError",
     "Report",
+    "UnderdeterminedFitWarning",
     "UntrustedCodeError",
     "__version__",
     "compare",

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,7 +44,7 @@ from torch import nn
 
 from netmeld._atomic import make_temp, recover, swap_in
 from netmeld._progress import track
-from netmeld.errors import CheckpointError, DataError
+from netmeld.errors import CheckpointError, DataError, UnderdeterminedFitWarning
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[torch.Tensor], Any]
@@ -215,9 +216,11 @@ def save_checkpoint(
     epoch: int,
     config: TrainConfig,
     data: Mapping[str, Any] | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write ``folder/last`` atomically: model and optimizer tensors, the finished epoch, the
-    run's configuration, the trainable parameters and the ``data`` fingerprint."""
+    run's configuration, the trainable parameters, the ``data`` fingerprint and the
+    ``precision`` the steps computed in (see :func:`step_precision`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -236,6 +239,7 @@ def save_checkpoint(
         "config": asdict(config),
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
         "data": None if data is None else dict(data),
+        "precision": precision,
         "param_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
     }
@@ -260,6 +264,7 @@ def _differences(
     model: nn.Module,
     config: TrainConfig,
     data: Mapping[str, Any] | None,
+    precision: str | None = None,
 ) -> list[str]:
     """How the run that wrote a checkpoint differs from this one, in words."""
     problems = []
@@ -267,6 +272,9 @@ def _differences(
     for key in RESUME_FIELDS:
         if key in recorded and recorded[key] != now[key]:
             problems.append(f"{key} {recorded[key]!r} (this run: {now[key]!r})")
+    before_precision = meta.get("precision")
+    if before_precision is not None and precision is not None and before_precision != precision:
+        problems.append(f"steps in {before_precision} (this run: {precision})")
     mine = model.state_dict()
     extra = sorted(set(model_state) - set(mine))
     missing = sorted(set(mine) - set(model_state))
@@ -301,12 +309,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig | None = None,
     data: Mapping[str, Any] | None = None,
+    precision: str | None = None,
 ) -> int:
     """Restore ``folder/last`` into ``model`` and ``optimizer``; return the finished epoch.
 
-    With ``config`` (and ``data``, a :func:`data_fingerprint`), a checkpoint written by a run
-    with other settings (:data:`RESUME_FIELDS`), another model (tensor names and shapes,
-    trainable parameters) or other data is refused, naming what differs."""
+    With ``config`` (and ``data``, a :func:`data_fingerprint`, and ``precision``), a checkpoint
+    written by a run with other settings (:data:`RESUME_FIELDS`, the steps' precision), another
+    model (tensor names and shapes, trainable parameters) or other data is refused, naming what
+    differs."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "last"
@@ -318,7 +328,7 @@ def load_checkpoint(
     except Exception as exc:  # unreadable, not JSON, not safetensors, keys missing
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    problems = _differences(meta, model_state, model, config or TrainConfig(), data)
+    problems = _differences(meta, model_state, model, config or TrainConfig(), data, precision)
     if config is None:
         problems = [p for p in problems if p.startswith(("no tensor", "tensor"))]
     if problems:
@@ -349,6 +359,7 @@ def _start_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Mapping[str, Any] | None,
+    precision: str | None = None,
 ) -> int:
     """The epoch a run starts at: after the checkpoint's with ``resume``, else 0. What an
     interrupted checkpoint write left is put right first."""
@@ -364,7 +375,7 @@ def _start_epoch(
             f"{str(Path(config.checkpoint_dir) / 'last' / 'state.json')!r}); check the "
             "checkpoint folder, or start without resume"
         )
-    return load_checkpoint(config.checkpoint_dir, model, optimizer, config, data) + 1
+    return load_checkpoint(config.checkpoint_dir, model, optimizer, config, data, precision) + 1
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -379,6 +390,14 @@ def _to(obj: Any, dev: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to(v, dev) for k, v in obj.items()}
     return obj
+
+
+def step_precision(config: TrainConfig, dev: torch.device) -> str:
+    """What the training steps compute in: ``float32``, or with ``amp`` on a GPU ``bfloat16``
+    (where supported) or ``float16`` (with gradient scaling)."""
+    if not (config.amp and dev.type == "cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 @dataclass
@@ -397,10 +416,10 @@ class _Loop:
     world: int
 
     def __post_init__(self) -> None:
-        self.use_amp = self.config.amp and self.dev.type == "cuda"
-        bf16 = self.use_amp and torch.cuda.is_bf16_supported()
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not bf16)
+        precision = step_precision(self.config, self.dev)
+        self.use_amp = precision != "float32"
+        self.amp_dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "float16")
 
     def epoch(self, epoch: int, progress: bool | None, description: str) -> float:
         """Run ``epoch`` (its order and random state from the seed) and return its mean loss."""
@@ -469,7 +488,8 @@ def train(
     model.to(dev)
     optimizer = _optimizer(model, config)
     data = data_fingerprint(n_examples, batch) if config.checkpoint_dir is not None else None
-    start = _start_epoch(config, model, optimizer, data)
+    precision = step_precision(config, dev)
+    start = _start_epoch(config, model, optimizer, data, precision)
     runner: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -485,7 +505,9 @@ def train(
             result.losses.append(mean)
             result.epochs_run += 1
             if config.checkpoint_dir is not None and rank == 0:
-                save_checkpoint(config.checkpoint_dir, model, optimizer, epoch, config, data)
+                save_checkpoint(
+                    config.checkpoint_dir, model, optimizer, epoch, config, data, precision
+                )
             if world > 1:
                 torch.distributed.barrier()
             if on_epoch_end is not None:
@@ -508,6 +530,9 @@ def small_fit(
     one_cycle: bool = False,
     before_step: Callable[[], object] | None = None,
     after_step: Callable[[], object] | None = None,
+    examples: int | None = None,
+    penalty: float = 0.0,
+    what: str = "the fit",
 ) -> None:
     """Minimise ``loss_fn()`` over ``parameters`` (tensors, or Adam parameter groups).
 
@@ -518,8 +543,17 @@ def small_fit(
     0.5 for L-BFGS.
     The parameters are trainable during the fit; afterwards each has the ``requires_grad`` it
     had before, whatever happens.
+
+    ``examples`` (the number of examples the loss reads) and ``penalty`` (the strength
+    of a regulariser inside ``loss_fn``, or ``weight_decay``) check that the data determine the
+    answer: fewer examples than fitted numbers, with no penalty, warn
+    (:class:`~netmeld.errors.UnderdeterminedFitWarning`, naming ``what``).
     """
     tensors = [t for p in parameters for t in (p["params"] if isinstance(p, dict) else [p])]
+    if examples is not None:
+        warn_underdetermined(
+            what, examples, sum(t.numel() for t in tensors), penalty + weight_decay
+        )
     flags = [t.requires_grad for t in tensors]
     for t in tensors:
         t.requires_grad_(True)
@@ -560,6 +594,19 @@ def small_fit(
     finally:
         for t, flag in zip(tensors, flags, strict=True):
             t.requires_grad_(flag)
+
+
+def warn_underdetermined(what: str, examples: int, fitted: int, penalty: float) -> None:
+    """Warn when ``fitted`` numbers are fitted from fewer ``examples`` with no penalty."""
+    if examples < fitted and not penalty > 0:
+        warnings.warn(
+            UnderdeterminedFitWarning(
+                f"{what} fits {fitted:,} numbers from {examples:,} examples with no "
+                "penalty, so the data do not determine them (the fit can drift anywhere that "
+                "separates the examples): give more examples or a penalty greater than 0"
+            ),
+            stacklevel=3,
+        )
 
 
 def tensor_batches(*tensors: torch.Tensor, device: str | torch.device | None = None) -> BatchFn:

@@ -56,3 +56,7 @@ def validation_problems(exc: Exception) -> str:
         f"{e['msg'].removeprefix('Value error, ')}"
         for e in errors
     )
+
+
+class UnderdeterminedFitWarning(UserWarning):
+    """A fit has fewer examples than parameters and nothing else pins the solution down."""

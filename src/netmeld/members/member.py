@@ -226,7 +226,8 @@ class Architecture:
         """:meth:`build`, after checking on the ``meta`` device (no memory) that the module
         holds not much more than ``numbers`` numbers, those of the tensors it is about to take
         (twice them plus :data:`BUILD_SLACK`): a width from a file that would need terabytes is
-        refused before anything is allocated."""
+        refused before anything is allocated. For loading: the caller's random state is left
+        as it was."""
         try:
             with torch.device("meta"):
                 probe = self.build(num_classes=num_classes)
@@ -240,7 +241,8 @@ class Architecture:
                 f"architecture {self.spec} with {dict(self.kwargs)} has {needed:,} numbers, "
                 f"the tensors it is to take only {numbers:,}; refusing to build it"
             )
-        return self.build(num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):  # its fresh weights are replaced: no draws
+            return self.build(num_classes=num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "kwargs": dict(self.kwargs)}

@@ -226,9 +226,19 @@ def _train_meta(
         with torch.no_grad():
             for p in parameters:
                 p.zero_()
-        small_fit(parameters, loss_fn, params.steps, optimizer="lbfgs")
+        small_fit(
+            parameters,
+            loss_fn,
+            params.steps,
+            optimizer="lbfgs",
+            examples=len(y),
+            penalty=l2,
+            what="stack",
+        )
     else:
-        small_fit(parameters, loss_fn, params.steps, lr=1e-2)
+        small_fit(
+            parameters, loss_fn, params.steps, lr=1e-2, examples=len(y), penalty=l2, what="stack"
+        )
 
 
 @register_method(

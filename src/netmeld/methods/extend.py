@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from netmeld._progress import track
 from netmeld.data import Data, load_data
-from netmeld.engine import small_fit
+from netmeld.engine import seeded, small_fit
 from netmeld.errors import DataError, LabelError
 from netmeld.model.combined import CombinedModel
 from netmeld.model.heads import Extension
@@ -166,12 +166,8 @@ def _fine_tune(
         if n_prev:
             ext.weight.grad[:n_prev] = 0  # type: ignore[index]
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         small_fit([ext.weight], objective, steps, lr=lr, before_step=keep_earlier)
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 def _examples(

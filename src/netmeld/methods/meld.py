@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from netmeld.data import load_data
+from netmeld.engine import seeded
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._extract import extract
@@ -87,12 +88,8 @@ def meld(
         extracted = extract(model, loaded.inputs, progress=progress)
         extracted.inputs = loaded.inputs
         extracted.label_space = label_space
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):  # the caller's generators (CPU and GPU) are left as they were
         info.fit(model, extracted, targets, checked)
-    finally:
-        torch.random.set_rng_state(generator_state)
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise MethodError(

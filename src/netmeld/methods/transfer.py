@@ -188,7 +188,15 @@ def fit_transfer(
             out = head.head(head.fuse(extracted.features))
             return F.cross_entropy(out, targets) + penalty()
 
-        small_fit(head_params, on_features, params.steps, lr=params.lr)
+        small_fit(
+            head_params,
+            on_features,
+            params.steps,
+            lr=params.lr,
+            examples=len(targets),
+            penalty=params.weight_decay,
+            what="transfer",
+        )
     else:
         inputs = extracted.inputs
         if inputs is None:
@@ -208,5 +216,12 @@ def fit_transfer(
             return F.cross_entropy(head(model.run_members(x), x), targets[rows]) + penalty()
 
         groups = [{"params": head_params, "lr": params.lr}, {"params": body, "lr": params.body_lr}]
-        small_fit(groups, on_batches, params.steps)
+        small_fit(
+            groups,
+            on_batches,
+            params.steps,
+            examples=len(targets),
+            penalty=params.weight_decay,
+            what="transfer",
+        )
         model.method["fitted"] = {"unfrozen_parameters": sum(p.numel() for p in body)}

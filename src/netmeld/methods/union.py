@@ -266,7 +266,9 @@ def _tune_heads(
             (p - s).pow(2).sum() for p, s in zip(params_, anchors, strict=True)
         )
 
-    small_fit(params_, objective, steps, lr=lr)
+    small_fit(
+        params_, objective, steps, lr=lr, examples=len(feats[0]), penalty=anchor, what="finetune"
+    )
     return start
 
 
@@ -443,7 +445,15 @@ def tune_gate(
             (router.weight - w0).pow(2).sum() + (router.bias - b0).pow(2).sum()
         )
 
-    small_fit([router.weight, router.bias, log_scale], objective, steps, lr=lr)
+    small_fit(
+        [router.weight, router.bias, log_scale],
+        objective,
+        steps,
+        lr=lr,
+        examples=len(x),
+        penalty=anchor,
+        what="router",
+    )
     union.set_calibration(scale=base * torch.exp(log_scale))
 
 
