@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, field_validator
 
 from netmeld._progress import track
+from netmeld.engine import resolve_device
 from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
 from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.io.shards import CheckpointReader, ShardedWriter, parse_size
@@ -277,10 +278,18 @@ def merge_weights(
     *,
     base_dir: str | Path | None = None,
     overwrite: bool = False,
+    device: str | torch.device | None = "cpu",
     progress: bool | None = None,
 ) -> Path:
     """Merge the recipe's checkpoints into ``out`` tensor by tensor (see the module doc); the
-    Python side of ``netmeld merge-weights``. Returns the folder written."""
+    Python side of ``netmeld merge-weights``. Returns the folder written.
+
+    ``device`` is where the kernels run (like mergekit's ``--cuda``): ``cpu`` (the default),
+    ``auto`` (the GPU when torch sees one), ``cuda`` or ``cuda:N``. Each floating-point
+    tensor's inputs are moved there, merged there, and the result comes back to the CPU to be
+    written, one tensor at a time. A GPU asked for on a machine without one is a
+    :class:`~netmeld.errors.DataError`, before anything is read or written."""
+    dev = resolve_device(device)
     if not isinstance(recipe, MergeRecipe):
         recipe, base_dir = read_merge_recipe(recipe)
     root = Path(base_dir or ".")
@@ -335,13 +344,13 @@ def merge_weights(
                 weights, params = _params_for(recipe, name)
                 merged = merge_tensor(
                     kernel.name,
-                    tensors,
-                    base=base_t,
+                    [t.to(dev) for t in tensors],
+                    base=None if base_t is None else base_t.to(dev),
                     weights=weights,
                     params=params,
                     key=name,
                     out_dtype=target,
-                )
+                ).cpu()
             writer.write(name, merged.to(target))
             del tensors, base_t, merged
     return Path(out)

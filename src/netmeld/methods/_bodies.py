@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from netmeld.data import load_data
+from netmeld.engine import resolve_device
 from netmeld.errors import DataError, IncompatibleMembersError
 from netmeld.io.checkpoint_merge import check_same_tensors, shapes_of
 from netmeld.members.graph import find_head
@@ -58,14 +59,32 @@ def body_states(members: Sequence[Member]) -> tuple[list[dict[str, torch.Tensor]
     return states, list(states[0])
 
 
-def prepared(member: Member, data: Any) -> torch.Tensor:
-    """Raw ``data`` (tensor, ndarray, folder, ...) preprocessed for ``member``."""
+def prepared(
+    member: Member,
+    data: Any,
+    *,
+    device: str | torch.device | None = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Raw ``data`` (tensor, ndarray, folder, ...) preprocessed for ``member``, on the CPU
+    (the passes over it move it to their device batch by batch). The preprocessing runs on
+    ``device``, ``batch_size`` inputs at a time off the CPU."""
     shape = member.preprocessing.input_shape
     inputs = load_data(data, shape, what="merge data").inputs
     if len(inputs) == 0:
         raise DataError("merge data is empty")
+    dev = resolve_device(device)
     with torch.no_grad():
-        return Preprocess(shape, member.preprocessing)(inputs)
+        pre = Preprocess(shape, member.preprocessing)
+        if dev.type == "cpu":
+            return pre(inputs)
+        pre.to(dev)
+        return torch.cat(
+            [
+                pre(inputs[i : i + batch_size].to(dev)).cpu()
+                for i in range(0, len(inputs), batch_size)
+            ]
+        )
 
 
 def rebuild(member: Member, state: Mapping[str, torch.Tensor], name: str | None = None) -> Member:
@@ -89,8 +108,11 @@ def union_of(
     data: Any,
     seed: int,
     progress: bool | None,
+    *,
+    device: str | torch.device | None = "auto",
 ) -> CombinedModel:
-    """The merged members' kept heads combined with the union-head method ``union``."""
+    """The merged members' kept heads combined with the union-head method ``union``; the
+    members run over ``data`` (where the method needs it) on ``device``."""
     from netmeld.methods._registry import get_method
     from netmeld.methods.meld import meld
 
@@ -101,5 +123,6 @@ def union_of(
         data if info.data != "none" else None,
         params=union_params,
         seed=seed,
+        device=device,
         progress=progress,
     )

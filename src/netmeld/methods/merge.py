@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
+from netmeld.engine import on_device, resolve_device
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.io.checkpoint_merge import merge_state_dicts
 from netmeld.members.checkpoint import read_state_dict
@@ -28,6 +29,7 @@ from netmeld.members.member import Member
 from netmeld.methods._bodies import body_states, check_members, prepared, rebuild, union_of
 from netmeld.methods.permutation import (
     PermutationSpec,
+    _device,
     correlation_stats,
     permutation_spec,
     permute_state,
@@ -101,36 +103,45 @@ def fisher_diagonal(
     keys: Sequence[str],
     seed: int = 0,
     batch_size: int = 64,
+    device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of ``member``'s parameters ``keys`` on preprocessed
     ``inputs``: the mean squared per-example gradient of ``log p(y|x)`` with ``y`` drawn from
-    the model's own prediction (no labels needed)."""
+    the model's own prediction (no labels needed).
+
+    The gradients run on ``device`` (``None``: where the member is; ``auto``: the GPU when
+    there is one), batch by batch; the labels are drawn on the CPU (the same draws on any
+    device) and the result is on the CPU."""
     from torch.func import functional_call, grad, vmap
 
     module = member.module
+    dev = _device(module, device)
     was_training = module.training
     module.eval()
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    buffers = {k: v.detach() for k, v in module.named_buffers()}
-    wanted = [k for k in keys if k in params]
-    fisher = {k: torch.zeros_like(params[k]) for k in wanted}
     gen = torch.Generator().manual_seed(seed)
+    try:
+        with on_device(module, dev):
+            params = {k: v.detach() for k, v in module.named_parameters()}
+            buffers = {k: v.detach() for k, v in module.named_buffers()}
+            wanted = [k for k in keys if k in params]
+            fisher = {k: torch.zeros_like(params[k]) for k in wanted}
 
-    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(module, (p, buffers), (x.unsqueeze(0),))
-        return F.cross_entropy(out, y.unsqueeze(0))
+            def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                out = functional_call(module, (p, buffers), (x.unsqueeze(0),))
+                return F.cross_entropy(out, y.unsqueeze(0))
 
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
-    for start in range(0, len(inputs), batch_size):
-        x = inputs[start : start + batch_size]
-        with torch.no_grad():
-            probs = module(x).softmax(1)
-        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        grads = per_example(params, x, y)
-        for k in wanted:
-            fisher[k] += (grads[k] ** 2).sum(0)
-    module.train(was_training)
-    return {k: v / len(inputs) for k, v in fisher.items()}
+            per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+            for start in range(0, len(inputs), batch_size):
+                x = inputs[start : start + batch_size].to(dev)
+                with torch.no_grad():
+                    probs = module(x).softmax(1)
+                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(dev)
+                grads = per_example(params, x, y)
+                for k in wanted:
+                    fisher[k] += (grads[k] ** 2).sum(0)
+    finally:
+        module.train(was_training)
+    return {k: (v / len(inputs)).cpu() for k, v in fisher.items()}
 
 
 def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -139,11 +150,20 @@ def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def input_grams(
-    member: Member, inputs: torch.Tensor, *, keys: Sequence[str], batch_size: int = 256
+    member: Member,
+    inputs: torch.Tensor,
+    *,
+    keys: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """``X^T X`` of the inputs of every Linear and (ungrouped) Conv2d layer whose weight is in
-    ``keys``: what RegMean needs. A convolution's inputs are its unfolded patches."""
+    ``keys``: what RegMean needs. A convolution's inputs are its unfolded patches.
+
+    The member runs on ``device`` (``None``: where it is; ``auto``: the GPU when there is
+    one), batch by batch; the matrices are summed there in float64 and returned on the CPU."""
     module = member.module
+    dev = _device(module, device)
     grams: dict[str, torch.Tensor] = {}
     handles = []
     for name, sub in module.named_modules():
@@ -170,13 +190,14 @@ def input_grams(
     was_training = module.training
     module.eval()
     try:
-        for start in range(0, len(inputs), batch_size):
-            module(inputs[start : start + batch_size])
+        with on_device(module, dev):
+            for start in range(0, len(inputs), batch_size):
+                module(inputs[start : start + batch_size].to(dev))
     finally:
         for h in handles:
             h.remove()
         module.train(was_training)
-    return grams
+    return {k: v.cpu() for k, v in grams.items()}
 
 
 # -- merging members that share an architecture -------------------------------------------
@@ -188,6 +209,7 @@ def _align_to_first(
     method: Literal["weight", "activation"],
     prepared: torch.Tensor | None,
     seed: int,
+    dev: torch.device,
 ) -> tuple[list[Member], PermutationSpec]:
     first = members[0]
     example = (
@@ -202,7 +224,7 @@ def _align_to_first(
         else:
             if prepared is None:
                 raise DataError("activation matching needs data (inputs, no labels)")
-            stats = correlation_stats(first.module, m.module, spec, prepared)
+            stats = correlation_stats(first.module, m.module, spec, prepared, device=dev)
             perms = {g: activation_matching(s.correlation()) for g, s in stats.items()}
         out.append(rebuild(m, permute_state(m.module.state_dict(), spec, perms)))
     return out, spec
@@ -237,10 +259,12 @@ def _merged_tensors(
     inputs: torch.Tensor | None,
     seed: int,
     progress: bool | None,
+    dev: torch.device,
 ) -> dict[str, torch.Tensor]:
     """The ``differing`` tensors merged with ``method``. A kernel that reads statistics of the
     data (Fisher, RegMean) merges the tensors it has them for; the others are averaged. A
-    seeded kernel (DARE) draws from ``seed`` unless ``params`` gives its own."""
+    seeded kernel (DARE) draws from ``seed`` unless ``params`` gives its own. The statistics
+    are computed on ``dev`` (and returned on the CPU); the kernels run on the CPU."""
     if "seed" in kernel.defaults and "seed" not in (params or {}):
         params = {**(params or {}), "seed": seed}
     if kernel.needs == "none":
@@ -250,9 +274,9 @@ def _merged_tensors(
     if inputs is None:
         raise DataError(f"merge method {method!r} needs data (inputs; labels are not needed)")
     extras = [
-        fisher_diagonal(m, inputs, keys=differing, seed=seed)
+        fisher_diagonal(m, inputs, keys=differing, seed=seed, device=dev)
         if kernel.needs == "fisher"
-        else input_grams(m, inputs, keys=differing)
+        else input_grams(m, inputs, keys=differing, device=dev)
         for m in track(members, f"{kernel.needs} statistics", enabled=progress)
     ]
     with_extra = [k for k in differing if all(k in e for e in extras)]
@@ -276,9 +300,11 @@ def _restore_statistics(
     inputs: torch.Tensor,
     weights: Sequence[float] | None,
     keys: Sequence[str],
+    dev: torch.device,
 ) -> None:
     """The merged body's statistics on ``inputs``: REPAIR (a BatchNorm reset where there is
-    one) after alignment, a BatchNorm reset otherwise; the result shared by every member."""
+    one) after alignment, a BatchNorm reset otherwise; the result shared by every member. The
+    networks run on ``dev`` batch by batch and stay where they were."""
     if spec is not None:
         repair(
             rebuilt[0].module,
@@ -286,9 +312,10 @@ def _restore_statistics(
             spec,
             inputs,
             weights=None if weights is None else [w / sum(weights) for w in weights],
+            device=dev,
         )
     else:
-        reset_batchnorm(rebuilt[0].module, inputs)
+        reset_batchnorm(rebuilt[0].module, inputs, device=dev)
     stats = {k: v for k, v in rebuilt[0].module.state_dict().items() if k in keys}
     for m in rebuilt[1:]:
         m.module.load_state_dict({**m.module.state_dict(), **stats})
@@ -306,6 +333,7 @@ def merge_members(
     union: str = "concat",
     union_params: dict[str, Any] | None = None,
     seed: int = 0,
+    device: str | torch.device | None = "auto",
     progress: bool | None = None,
 ) -> CombinedModel:
     """Merge the members' bodies with the kernel ``method`` into one body; keep each member's
@@ -327,17 +355,25 @@ def merge_members(
         union, union_params: how the kept heads are combined (any registered union method).
         seed: seeds weight matching's order, DARE's drop masks (unless ``params`` gives a
             ``seed``), the labels Fisher samples and the union method's fit.
+        device: where the members run over ``data`` (Fisher gradients, RegMean Gram matrices,
+            activation matching, REPAIR and the BatchNorm reset, the union method's data pass),
+            batch by batch: ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``,
+            ``cuda`` or ``cuda:N``; a GPU asked for on a machine without one is a
+            :class:`~netmeld.errors.DataError`. The kernels merge on the CPU (in float64 for
+            RegMean's solve), the members are put back where they were and the merged model
+            is on the CPU.
     """
+    dev = resolve_device(device)
     members = list(members)
     check_members(members)
     kernel = get_kernel(method)
     states, keys = body_states(members)
-    inputs = prepared(members[0], data) if data is not None else None
+    inputs = prepared(members[0], data, device=dev) if data is not None else None
     similarity = body_similarity(states[0], states[1])
     align = _alignment(align, similarity, base)
     spec = None
     if align in ("weight", "activation"):
-        members, spec = _align_to_first(members, states, align, inputs, seed)
+        members, spec = _align_to_first(members, states, align, inputs, seed, dev)
         states, keys = body_states(members)
     base_state = None if base is None else _base_state(base, members[0], keys)
     shared = [k for k in keys if all(torch.equal(s[k], states[0][k]) for s in states[1:])]
@@ -354,12 +390,13 @@ def merge_members(
         inputs=inputs,
         seed=seed,
         progress=progress,
+        dev=dev,
     )
     body = {k: states[0][k] if k in shared else merged[k] for k in keys}
     rebuilt = [rebuild(m, {**m.module.state_dict(), **body}) for m in members]
     if inputs is not None:
-        _restore_statistics(rebuilt, members, spec, inputs, weights, keys)
-    model = union_of(rebuilt, union, union_params, data, seed, progress)
+        _restore_statistics(rebuilt, members, spec, inputs, weights, keys, dev)
+    model = union_of(rebuilt, union, union_params, data, seed, progress, device=dev)
     model.method["merge"] = {
         "method": method,
         "params": dict(params or {}),

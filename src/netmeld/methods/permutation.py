@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from netmeld.engine import on_device, resolve_device
 from netmeld.errors import IncompatibleMembersError
 from netmeld.methods._permutation_spec import PermutationSpec, permutation_spec
 from netmeld.ops.matching import (
@@ -72,9 +73,33 @@ def _check_same(a: nn.Module, b: nn.Module, what_a: str, what_b: str) -> None:
 # -- activations ----------------------------------------------------------------------------
 
 
-def _batches(data: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+def _batches(
+    data: torch.Tensor, batch_size: int, dev: torch.device | None = None
+) -> Iterable[torch.Tensor]:
+    """``data`` in batches, each moved to ``dev`` (``None``: left where it is)."""
     for i in range(0, len(data), batch_size):
-        yield data[i : i + batch_size]
+        x = data[i : i + batch_size]
+        yield x if dev is None else x.to(dev)
+
+
+Device = str | torch.device | None
+
+
+def _device(model: nn.Module, device: Device) -> torch.device:
+    """Where ``model`` runs over data: ``device`` resolved (see
+    :func:`netmeld.engine.resolve_device`), or ``None``: where its tensors already are."""
+    if device is not None:
+        return resolve_device(device)
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _stats_to(stats: CorrelationStats, dev: torch.device) -> CorrelationStats:
+    """``stats`` with its running sums moved to ``dev`` (in place; their dtype kept)."""
+    for name, value in vars(stats).items():
+        if isinstance(value, torch.Tensor):
+            setattr(stats, name, value.to(dev))
+    return stats
 
 
 class _Recorder(fx.Interpreter):
@@ -108,26 +133,33 @@ def correlation_stats(
     *,
     groups: Iterable[str] | None = None,
     batch_size: int = 256,
+    device: Device = None,
 ) -> dict[str, CorrelationStats]:
     """Per group (all, or ``groups``), running correlation statistics between A's and B's
-    activations on ``data``."""
+    activations on ``data``.
+
+    Both models run on ``device`` (``None``: where model A is; ``auto``: the GPU when there
+    is one), batch by batch, and are put back afterwards; the sums (float64) are
+    accumulated there and returned on the CPU."""
+    dev = _device(model_a, device)
     wanted = list(spec.sizes) if groups is None else list(groups)
-    gms = [fx.symbolic_trace(m) for m in (model_a, model_b)]
-    for gm in gms:
-        gm.eval()
     names = {n for g in wanted for n, _, _ in spec.nodes[g]}
-    stats = {g: CorrelationStats(spec.sizes[g], spec.sizes[g]) for g in wanted}
-    for x in _batches(data, batch_size):
-        recs = [_Recorder(gm, names) for gm in gms]
-        for rec in recs:
-            rec.run(x)
-        for g in wanted:
-            for name, dim, repeat in spec.nodes[g]:
-                stats[g].update(
-                    _as_units(recs[0].seen[name], dim, repeat),
-                    _as_units(recs[1].seen[name], dim, repeat),
-                )
-    return stats
+    stats = {g: _stats_to(CorrelationStats(spec.sizes[g], spec.sizes[g]), dev) for g in wanted}
+    with on_device(model_a, dev), on_device(model_b, dev):
+        gms = [fx.symbolic_trace(m) for m in (model_a, model_b)]
+        for gm in gms:
+            gm.eval()
+        for x in _batches(data, batch_size, dev):
+            recs = [_Recorder(gm, names) for gm in gms]
+            for rec in recs:
+                rec.run(x)
+            for g in wanted:
+                for name, dim, repeat in spec.nodes[g]:
+                    stats[g].update(
+                        _as_units(recs[0].seen[name], dim, repeat),
+                        _as_units(recs[1].seen[name], dim, repeat),
+                    )
+    return {g: _stats_to(s, torch.device("cpu")) for g, s in stats.items()}
 
 
 # -- alignment ------------------------------------------------------------------------------
@@ -201,20 +233,25 @@ def interpolate(a: nn.Module, b: nn.Module, t: float) -> nn.Module:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, data: torch.Tensor, *, batch_size: int = 256) -> int:
+def reset_batchnorm(
+    model: nn.Module, data: torch.Tensor, *, batch_size: int = 256, device: Device = None
+) -> int:
     """Recompute every BatchNorm's running statistics on ``data`` (a cumulative average, the
-    REPAIR paper's "reset"); returns how many layers were reset."""
+    REPAIR paper's "reset"); returns how many layers were reset. The model runs on ``device``
+    (``None``: where it is), batch by batch, and is put back with its new statistics."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
+    dev = _device(model, device)
     was_training = model.training
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for x in _batches(data, batch_size):
-        model(x)
+    with on_device(model, dev):
+        for x in _batches(data, batch_size, dev):
+            model(x)
     for m, mom in zip(norms, momenta, strict=True):
         m.momentum = mom
     model.train(was_training)
@@ -223,9 +260,11 @@ def reset_batchnorm(model: nn.Module, data: torch.Tensor, *, batch_size: int = 2
 
 @torch.no_grad()
 def channel_stats(
-    model: nn.Module, layer: str, data: torch.Tensor, batch_size: int
+    model: nn.Module, layer: str, data: torch.Tensor, batch_size: int, device: Device = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of each output channel of ``layer`` on ``data``."""
+    """Mean and standard deviation (float64, on the CPU) of each output channel of ``layer``
+    on ``data``, the model run on ``device`` (``None``: where it is) batch by batch."""
+    dev = _device(model, device)
     mod = model.get_submodule(layer)
     sums: list[torch.Tensor] = []
 
@@ -236,11 +275,12 @@ def channel_stats(
     handle = mod.register_forward_hook(hook)
     try:
         model.eval()
-        for x in _batches(data, batch_size):
-            model(x)
+        with on_device(model, dev):
+            for x in _batches(data, batch_size, dev):
+                model(x)
     finally:
         handle.remove()
-    total = torch.stack(sums).sum(0)
+    total = torch.stack(sums).sum(0).cpu()
     mean = total[0] / total[2]
     std = (total[1] / total[2] - mean * mean).clamp_min(0).sqrt()
     return mean, std
@@ -255,20 +295,23 @@ def rescale_outputs(
     data: torch.Tensor,
     *,
     batch_size: int = 256,
+    device: Device = None,
 ) -> None:
     """Scale and shift the output channels of ``layer`` (a Linear or Conv) so that, measured
-    on ``data`` in ``models[0]``, they have mean ``t_mean`` and standard deviation ``t_std``;
-    the same change is made in every model (they share that layer's weights). A layer without
-    a bias gets its spread corrected, not its mean."""
-    mean, std = channel_stats(models[0], layer, data, batch_size)
+    on ``data`` in ``models[0]`` (run on ``device``; ``None``: where it is), they have mean
+    ``t_mean`` and standard deviation ``t_std``; the same change is made in every model (they
+    share that layer's weights). A layer without a bias gets its spread corrected, not its
+    mean."""
+    mean, std = channel_stats(models[0], layer, data, batch_size, device)
     scale = (t_std / std.clamp_min(1e-8)).float()
+    shift = (t_mean - mean * scale.double()).float()
     for model in models:
         mod = model.get_submodule(layer)
         weight, bias = mod.weight, getattr(mod, "bias", None)
         assert isinstance(weight, torch.Tensor)
-        weight.mul_(scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
+        weight.mul_(scale.to(weight.device).reshape((-1,) + (1,) * (weight.dim() - 1)))
         if isinstance(bias, torch.Tensor):
-            bias.mul_(scale).add_((t_mean - mean * scale.double()).float())
+            bias.mul_(scale.to(bias.device)).add_(shift.to(bias.device))
 
 
 @torch.no_grad()
@@ -280,6 +323,7 @@ def repair(
     *,
     weights: list[float] | None = None,
     batch_size: int = 256,
+    device: Device = None,
 ) -> nn.Module:
     """REPAIR (Jordan et al. 2023): rescale each hidden layer's output channels so their mean
     and standard deviation on ``data`` are the weighted average of the (aligned) endpoints',
@@ -287,15 +331,17 @@ def repair(
     Layers are corrected in execution order, each measured after the previous fix.
 
     A network with BatchNorm only gets the reset (the paper's RESET: the norms rescale their
-    inputs anyway); a layer without a bias gets its scale corrected but not its mean."""
+    inputs anyway); a layer without a bias gets its scale corrected but not its mean. The
+    networks run over ``data`` on ``device`` (``None``: each where it is), batch by batch;
+    the merged one stays where it was."""
     weights = weights or [1.0 / len(endpoints)] * len(endpoints)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
     for layer, group in spec.layers:
         if group is None or has_bn:
             continue
-        targets = [channel_stats(m, layer, data, batch_size) for m in endpoints]
+        targets = [channel_stats(m, layer, data, batch_size, device) for m in endpoints]
         t_mean = torch.stack([w * s[0] for w, s in zip(weights, targets, strict=True)]).sum(0)
         t_std = torch.stack([w * s[1] for w, s in zip(weights, targets, strict=True)]).sum(0)
-        rescale_outputs([merged], layer, t_mean, t_std, data, batch_size=batch_size)
-    reset_batchnorm(merged, data, batch_size=batch_size)
+        rescale_outputs([merged], layer, t_mean, t_std, data, batch_size=batch_size, device=device)
+    reset_batchnorm(merged, data, batch_size=batch_size, device=device)
     return merged

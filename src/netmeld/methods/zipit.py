@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netmeld.engine import resolve_device
 from netmeld.errors import IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._bodies import body_states, check_members, prepared, rebuild, union_of
@@ -146,6 +147,7 @@ def zip_members(
     union_params: dict[str, Any] | None = None,
     repair_stats: bool = True,
     seed: int = 0,
+    device: str | torch.device | None = "auto",
     progress: bool | None = None,
 ) -> CombinedModel:
     """ZipIt! (Stoica et al. 2024): merge two members trained on different tasks (any labels)
@@ -159,20 +161,27 @@ def zip_members(
         alpha: the share of a layer's units that may be paired within one model (ZipIt!'s β).
         repair_stats: reset BatchNorm statistics (or REPAIR the layers of a network without
             BatchNorm) on ``data`` after zipping.
+        device: where the members run over ``data`` (the feature correlations, the
+            BatchNorm reset or REPAIR, the union method's data pass), batch by batch:
+            ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or
+            ``cuda:N``; a GPU asked for on a machine without one is a
+            :class:`~netmeld.errors.DataError`. The members are put back where they were and
+            the zipped model is on the CPU.
     """
+    dev = resolve_device(device)
     members = list(members)
     if len(members) != 2:
         raise IncompatibleMembersError(f"zip merges exactly 2 members, got {len(members)}")
     check_members(members)
     _, keys = body_states(members)
-    inputs = prepared(members[0], data)
+    inputs = prepared(members[0], data, device=dev)
     a, b = members
     spec = permutation_spec(a.module, inputs[:2], what=f"member {a.name!r}")
     depth, valid = _zip_depth(spec, layers, a.name)
     hidden = [i for i, (_, g) in enumerate(spec.layers) if g is not None]
     zipped_layers = {spec.layers[i][0] for i in hidden[:depth]}
     zipped_groups = {g for i in hidden[:depth] if (g := spec.layers[i][1]) is not None}
-    stats = correlation_stats(a.module, b.module, spec, inputs, groups=zipped_groups)
+    stats = correlation_stats(a.module, b.module, spec, inputs, groups=zipped_groups, device=dev)
     mats = {g: zip_matching(s.joint_correlation(), alpha=alpha) for g, s in stats.items()}
     side_out, side_in = _sides(mats, {g: spec.sizes[g] for g in zipped_groups})
     full_states = [dict(m.module.state_dict()) for m in members]
@@ -180,9 +189,9 @@ def zip_members(
     rebuilt = [rebuild(m, new_states[i]) for i, m in enumerate(members)]
     if repair_stats:
         _restore_statistics(
-            rebuilt, members, spec, keys, zipped_groups, zipped_layers, mats, inputs
+            rebuilt, members, spec, keys, zipped_groups, zipped_layers, mats, inputs, dev
         )
-    model = union_of(rebuilt, union, union_params, data, seed, progress)
+    model = union_of(rebuilt, union, union_params, data, seed, progress, device=dev)
     model.method["merge"] = {
         "method": "zipit",
         "layers": depth,
@@ -201,17 +210,19 @@ def _restore_statistics(
     zipped_layers: set[str],
     mats: Mats,
     inputs: torch.Tensor,
+    dev: torch.device,
 ) -> None:
     """BatchNorm statistics reset on ``inputs`` (the zipped groups' kept equal in both
-    members, a shared trunk), or REPAIR for a network without BatchNorm."""
+    members, a shared trunk), or REPAIR for a network without BatchNorm; the networks run on
+    ``dev`` batch by batch and stay where they were."""
     has_bn = any(
         isinstance(x, nn.modules.batchnorm._BatchNorm) for x in rebuilt[0].module.modules()
     )
     if not has_bn:
-        _zip_repair(rebuilt, originals, spec, zipped_layers, mats, inputs)
+        _zip_repair(rebuilt, originals, spec, zipped_layers, mats, inputs, dev)
         return
     for m in rebuilt:
-        reset_batchnorm(m.module, inputs)
+        reset_batchnorm(m.module, inputs, device=dev)
     merged_bn = [
         k
         for k in keys
@@ -231,15 +242,17 @@ def _zip_repair(
     zipped_layers: set[str],
     mats: Mats,
     inputs: torch.Tensor,
+    dev: torch.device,
 ) -> None:
     """REPAIR for a zipped network without BatchNorm: each merged unit's output mean and
-    standard deviation are set to the average of the units it merged, layer by layer."""
+    standard deviation are set to the average of the units it merged, layer by layer (the
+    networks run on ``dev``)."""
     modules = [m.module for m in rebuilt]
     for layer, group in spec.layers:
         if layer not in zipped_layers or group is None:
             continue
         merge = mats[group][0]
-        ends = [channel_stats(m.module, layer, inputs, 256) for m in originals]
+        ends = [channel_stats(m.module, layer, inputs, 256, dev) for m in originals]
         t_mean = merge @ torch.cat([ends[0][0], ends[1][0]])
         t_std = merge @ torch.cat([ends[0][1], ends[1][1]])
-        rescale_outputs(modules, layer, t_mean, t_std, inputs)
+        rescale_outputs(modules, layer, t_mean, t_std, inputs, device=dev)
