@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "netmeld.model": 3,
     "netmeld.methods": 4,
     "netmeld.evaluate": 4,
+    "netmeld.predict": 4,
     "netmeld.cli": 5,
     "netmeld.demo": 5,
     "netmeld._deprecated": 5,

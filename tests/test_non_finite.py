@@ -123,4 +123,4 @@ def test_skip_unreadable_leaves_out_and_names_broken_images(digits2, tmp_path, c
     import json
 
     assert [r["file"] for r in json.loads(out.out)] == files[:1]
-    assert "skipped 1 of 2 files" in out.err
+    assert "skipped 1 of 2 images" in out.err and "broken.png" in out.err

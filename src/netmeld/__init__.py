@@ -8,7 +8,7 @@
 from netmeld import _deprecated
 from netmeld._version import __version__
 from netmeld.cli.inspection import inspect
-from netmeld.data import Data, load_data
+from netmeld.data import Data, load_data, open_data
 from netmeld.errors import (
     CheckpointError,
     DataError,
@@ -27,6 +27,7 @@ from netmeld.io.checkpoint_merge import merge_weights
 from netmeld.members.member import Architecture, Member, Preprocessing
 from netmeld.members.trust import trust_builder
 from netmeld.methods import fusion, get_method, list_methods, register_method
+from netmeld.methods._extract import FeatureCache
 from netmeld.methods.distill import distill
 from netmeld.methods.extend import extend
 from netmeld.methods.fusion.training import train
@@ -34,6 +35,7 @@ from netmeld.methods.meld import extract, meld
 from netmeld.methods.merge import merge_members, zip_members
 from netmeld.model.artifact import export, load
 from netmeld.model.combined import CombinedModel
+from netmeld.predict import Prediction, predict, write_predictions
 
 _deprecated.install()
 
@@ -50,6 +52,7 @@ __all__ = [
     "CombinedModel",
     "Data",
     "DataError",
+    "FeatureCache",
     "IncompatibleMembersError",
     "LabelError",
     "Member",
@@ -57,6 +60,7 @@ __all__ = [
     "MethodError",
     "ModelFileError",
     "NetmeldError",
+    "Prediction",
     "Preprocessing",
     "RecipeError",
     "Report",
@@ -78,8 +82,11 @@ __all__ = [
     "meld",
     "merge_members",
     "merge_weights",
+    "open_data",
+    "predict",
     "register_method",
     "train",
     "trust_builder",
+    "write_predictions",
     "zip_members",
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -44,3 +44,48 @@ def track(
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def track_items(
+    batches: Iterable[T],
+    description: str,
+    *,
+    total: int,
+    size: Callable[[T], int],
+    unit: str = "inputs",
+    enabled: bool | None = None,
+) -> Iterator[T]:
+    """Iterate ``batches`` with a progress bar counted in items (``size(batch)`` each) and
+    their rate (``unit`` per second) when ``enabled`` (default: a TTY)."""
+    if not progress_enabled(enabled):
+        yield from batches
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else "", style="cyan")
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for batch in batches:
+            yield batch
+            bar.advance(task, size(batch))

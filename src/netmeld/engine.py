@@ -101,7 +101,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _dist() -> tuple[int, int]:
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world size)`` under an initialised ``torch.distributed``, else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -154,6 +155,60 @@ def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None
         yield
 
 
+# -- devices --------------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or ``None``): the GPU when torch sees one, else the CPU. A CUDA device asked
+    for on a machine without one is an error, never a silent fallback."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(
+            f"device {device!r} is not a device; expected auto, cpu, cuda or cuda:N"
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(
+                f"device {str(device)!r}: torch sees no CUDA GPU on this machine "
+                "(torch.cuda.is_available() is False); use cpu or auto"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DataError(
+                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    return dev
+
+
+def autocast(dev: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager[Any]:
+    """Reduced-precision inference (``bf16``/``fp16`` autocast) on ``dev``; ``fp32`` runs as
+    it is. What it computes is cast back to float32 by the callers."""
+    if precision not in PRECISIONS:
+        raise DataError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=PRECISIONS[precision])
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, dev: torch.device) -> Iterator[nn.Module]:
+    """Run the block with ``module`` on ``dev``, then put it back where it was."""
+    tensors = [*module.parameters(), *module.buffers()]
+    before = tensors[0].device if tensors else dev
+    if before == dev:
+        yield module
+        return
+    module.to(dev)
+    try:
+        yield module
+    finally:
+        module.to(before)
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 
 # What a resumed run must share with the run that wrote the checkpoint (the other settings say
@@ -170,6 +225,13 @@ RESUME_FIELDS = (
     "warmup_steps",
     "grad_clip",
 )
+
+
+def tensor_digest(digest: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and exact bytes into a hashlib ``digest``."""
+    t = t.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _hash_into(digest: Any, obj: Any) -> None:
@@ -479,12 +541,8 @@ def train(
     model or other data wrote, is an error. The caller's random state is left as it was."""
     if n_examples < 1:
         raise DataError("training needs at least one example")
-    rank, world = _dist()
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    rank, world = distributed_world()
+    dev = resolve_device(device)
     model.to(dev)
     optimizer = _optimizer(model, config)
     data = data_fingerprint(n_examples, batch) if config.checkpoint_dir is not None else None

@@ -18,12 +18,15 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from netmeld._progress import track
-from netmeld.data import Data, load_data
+from netmeld.data import Stream, open_data
+from netmeld.engine import autocast, on_device, resolve_device
+from netmeld.errors import DataError
+from netmeld.methods._extract import FeatureCache, extract, gather, shard_positions
 from netmeld.model.combined import CombinedModel
 
 
@@ -142,15 +145,15 @@ def measure_latency(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 
     return statistics.median(times)
 
 
-def _evaluation_data(data: Any, model: CombinedModel, progress: bool | None) -> Data:
-    """Labeled evaluation data in ``model``'s input shape (and table columns)."""
-    return load_data(
+def _evaluation_stream(data: Any, model: CombinedModel, skip_unreadable: bool = False) -> Stream:
+    """Labeled evaluation data in ``model``'s input shape (and table columns), unread."""
+    return open_data(
         data,
         model.input_shape,
         require_labels=True,
         what="evaluation data",
-        progress=progress,
         feature_names=model.feature_names,
+        skip_unreadable=skip_unreadable,
     )
 
 
@@ -162,35 +165,118 @@ def evaluate(
     name: str | None = None,
     batch_size: int = 256,
     latency: bool = True,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
+    cache: bool | str | Path | FeatureCache | None = True,
+    workers: int | None = None,
+    skip_unreadable: bool = False,
     progress: bool | None = None,
 ) -> Report:
-    """Evaluate ``model`` on labeled ``data`` (``(inputs, label_names)`` or a label folder)."""
-    loaded = _evaluation_data(data, model, progress)
-    targets = loaded.label_indices(model.labels)
+    """Evaluate ``model`` on labeled ``data`` (``(inputs, label_names)``, a label folder, a
+    labeled CSV or Dataset), read batch by batch.
+
+    The members run on ``device`` (``auto``: the GPU when there is one; ``precision`` ``bf16``
+    or ``fp16`` autocasts them). Their head inputs go through the feature cache (``cache``:
+    the process's, a folder's, or ``False``), so evaluating several models of the same members
+    runs each trunk once. Under ``torchrun`` each process reads its share of the data and
+    every process gets the whole report."""
+    stream = _evaluation_stream(data, model, skip_unreadable)
+    stream.check_labels(model.labels)
+    dev = resolve_device(device)
     model.eval()
-    starts = range(0, len(loaded), batch_size)
-    parts = []
-    gates = []
-    for s in track(starts, "evaluating", total=len(starts), enabled=progress):
-        batch = loaded.inputs[s : s + batch_size]
-        parts.append(model(batch))
-        gate = model.gate(batch)
-        if gate is not None:
-            gates.append(gate)
+    if model.reads_input:
+        logits, gates, labels = _forward_pass(
+            model, stream, dev, precision, batch_size, workers, progress
+        )
+    else:
+        extracted = extract(
+            model,
+            stream,
+            batch_size=batch_size,
+            device=dev,
+            precision=precision,
+            cache=cache,
+            workers=workers,
+            progress=progress,
+            description="evaluating",
+        )
+        logits, gates = _from_features(model, extracted.features, batch_size)
+        labels = extracted.labels or []
+    targets = stream.label_indices(labels, model.labels)
     report = metrics_from_logits(
         name or str(model.method.get("name", "model")),
-        torch.cat(parts),
+        logits,
         targets,
         model.labels,
         model.label_members,
     )
-    if gates:
-        report.gate_accuracy = gate_accuracy(model, torch.cat(gates), targets)
+    if gates is not None:
+        report.gate_accuracy = gate_accuracy(model, gates, targets)
     report.parameters = model.num_parameters
     if latency:
-        report.batch_size = min(batch_size, len(loaded))
-        report.latency_ms = measure_latency(model, loaded.inputs[: report.batch_size])
+        first = next(stream.batches(batch_size, workers=0, progress=False))
+        report.batch_size = len(first)
+        with on_device(model, dev):
+            report.latency_ms = measure_latency(model, first.inputs.to(dev))
     return report
+
+
+def _from_features(
+    model: CombinedModel, features: list[torch.Tensor], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (and router log-probabilities) from the members' head inputs."""
+    place = next(model.parameters()).device
+    logits, gates = [], []
+    for s in range(0, len(features[0]), batch_size):
+        out = model.outputs_from_features([f[s : s + batch_size].to(place) for f in features])
+        logits.append(model.logits_from(out).float().cpu())
+        gate = model.gate_from(out)
+        if gate is not None:
+            gates.append(gate.float().cpu())
+    return torch.cat(logits), torch.cat(gates) if gates else None
+
+
+def _forward_pass(
+    model: CombinedModel,
+    stream: Stream,
+    dev: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int | None,
+    progress: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """The whole model over the stream (this process's share under ``torchrun``)."""
+    parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[str]]] = []
+    with on_device(model, dev):
+        for batch in stream.batches(
+            batch_size,
+            workers=workers,
+            progress=progress,
+            description="evaluating",
+            positions=shard_positions(len(stream)),
+        ):
+            x = batch.inputs.to(dev, non_blocking=True)
+            with autocast(dev, precision):
+                out = model.run_members(x)
+                logits = model.logits_from(out, x).float().cpu()
+                gate = model.gate_from(out, x)
+            parts.append(
+                (
+                    logits,
+                    None if gate is None else gate.float().cpu(),
+                    batch.index,
+                    batch.labels or [],
+                )
+            )
+    gathered = [p for rank in gather(parts) for p in rank]
+    if not gathered:
+        raise DataError(f"{stream.source}: no input could be read")
+    gates = [g for _, g, _, _ in gathered if g is not None]
+    return (
+        torch.cat([logit for logit, _, _, _ in gathered]),
+        torch.cat(gates) if gates else None,
+        [label for _, _, _, labels in gathered for label in labels],
+    )
 
 
 def compare(
@@ -198,15 +284,33 @@ def compare(
     data: Any,
     *,
     batch_size: int = 256,
+    latency: bool = True,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
+    cache: bool | str | Path | FeatureCache | None = True,
+    workers: int | None = None,
+    skip_unreadable: bool = False,
     progress: bool | None = None,
 ) -> list[Report]:
-    """Evaluate several models on the same data; one report each, in the given order."""
+    """Evaluate several models on the same data; one report each, in the given order. Models
+    of the same members share their head inputs through the feature cache."""
     first = next(iter(models.values()), None)
     if first is None:
         return []
-    loaded = _evaluation_data(data, first, progress)
+    stream = _evaluation_stream(data, first, skip_unreadable)
     return [
-        evaluate(m, loaded, name=name, batch_size=batch_size, progress=progress)
+        evaluate(
+            m,
+            stream,
+            name=name,
+            batch_size=batch_size,
+            latency=latency,
+            device=device,
+            precision=precision,
+            cache=cache,
+            workers=workers,
+            progress=progress,
+        )
         for name, m in models.items()
     ]
 

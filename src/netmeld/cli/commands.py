@@ -85,11 +85,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """The --device, --precision, --workers and --cache-dir a command was given, as keywords
+    of the Python functions (checked before anything is read)."""
+    from netmeld.engine import resolve_device
+
+    resolve_device(args.device)  # a GPU asked for on a machine without one: say so first
+    runtime: dict[str, Any] = {"device": args.device}
+    if hasattr(args, "precision"):
+        runtime["precision"] = args.precision
+    if hasattr(args, "workers"):
+        runtime["workers"] = args.workers
+    if hasattr(args, "cache_dir"):
+        runtime["cache"] = args.cache_dir if args.cache_dir is not None else True
+    return runtime
+
+
 def cmd_meld(args: argparse.Namespace) -> int:
     from netmeld.cli.recipes import run_recipe
 
     out = _output(args)
-    model = run_recipe(args.recipe)
+    model = run_recipe(args.recipe, **_runtime(args))
     model.save(out, overwrite=args.overwrite)
     console.print(
         f"saved {len(model.labels)} labels from {len(model.members)} members "
@@ -123,7 +139,12 @@ def _train_and_save(args: argparse.Namespace, run: Any, what: Any) -> int:
     prints ``what(model)``."""
     out = _output(args)
     with _process_group() as rank:
-        model = run(args.recipe, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        model = run(
+            args.recipe,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            device=_runtime(args)["device"],
+        )
         if rank == 0:
             model.save(out, overwrite=args.overwrite)
             console.print(f"{what(model)} and saved it to [bold]{out}[/bold]")
@@ -185,7 +206,13 @@ def cmd_merge_weights(args: argparse.Namespace) -> int:
 
     _output(args)
     recipe, base = read_merge_recipe(args.recipe)
-    out = merge_weights(recipe, args.output, base_dir=base, overwrite=args.overwrite)
+    out = merge_weights(
+        recipe,
+        args.output,
+        base_dir=base,
+        overwrite=args.overwrite,
+        device=_runtime(args)["device"],
+    )
     written = CheckpointReader(out)
     console.print(
         f"merged {len(recipe.models)} models with {recipe.merge_method!r}: "
@@ -196,28 +223,27 @@ def cmd_merge_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from netmeld.data import load_data
-    from netmeld.evaluate import evaluate, render_table
+    from netmeld.evaluate import compare, render_table
     from netmeld.model.artifact import load
 
+    runtime = _runtime(args)
     models = {str(path): load(path) for path in args.models}
-    first = next(iter(models.values()))
-    data = load_data(
-        args.data,
-        first.input_shape,
-        require_labels=True,
-        what="--data",
-        feature_names=first.feature_names,
-        skip_unreadable=args.skip_unreadable,
-    )
-    reports = [
-        evaluate(m, data, name=f"{name} ({m.method.get('name')})", batch_size=args.batch_size)
-        for name, m in models.items()
-    ]
+    named = {f"{name} ({m.method.get('name')})": m for name, m in models.items()}
+    with _process_group() as rank:
+        reports = compare(
+            named,
+            args.data,
+            batch_size=args.batch_size,
+            skip_unreadable=args.skip_unreadable,
+            **runtime,
+        )
+        if rank != 0:
+            return 0
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
-        console.print(render_table(reports, title=f"{len(data)} examples from {args.data}"))
+        n = reports[0].examples if reports else 0
+        console.print(render_table(reports, title=f"{n} examples from {args.data}"))
     return 0
 
 
@@ -236,6 +262,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
         distill=args.distill,
         max_false_positives=args.max_false_positives,
         seed=args.seed,
+        **_runtime(args),
     )
     extended.save(out, overwrite=args.overwrite)
     added = extended.method["extended"][-1]
@@ -249,54 +276,29 @@ def cmd_extend(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from netmeld.data import image_files, name_files, read_image
     from netmeld.model.artifact import load
+    from netmeld.predict import predict, write_predictions
 
+    runtime = _runtime(args)
     model = load(args.model)
-    files: list[Path] = []
-    for f in args.files:
-        p = Path(f)
-        files.extend(image_files(p) if p.is_dir() else [p])
-    if not files:
-        raise NetmeldError("no image files given")
-    images: list[torch.Tensor] = []
-    unreadable: list[Path] = []
-    for p in files:
-        try:
-            images.append(read_image(p, model.input_shape))
-        except NetmeldError:
-            if not args.skip_unreadable:
-                raise
-            unreadable.append(p)
-    if unreadable:  # on stderr: --json output stays JSON
-        import warnings
-
-        warnings.warn(
-            f"skipped {len(unreadable)} of {len(files)} files that cannot be read "
-            f"({name_files(unreadable)})",
-            stacklevel=1,
-        )
-    files = [p for p in files if p not in set(unreadable)]
-    if not files:
-        raise NetmeldError("no image given could be read")
-    x = torch.stack(images)
-    probs = model.predict_proba(x)
-    top = min(args.top, len(model.labels))
-    rows = []
-    for path, p in zip(files, probs, strict=True):
-        values, idx = p.topk(top)
-        top_labels = [
-            (model.labels[i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)
-        ]
-        rows.append({"file": str(path), "predictions": top_labels})
+    rows = predict(
+        model,
+        [Path(f) for f in args.files],
+        top=args.top,
+        batch_size=args.batch_size,
+        skip_unreadable=args.skip_unreadable,  # skipped files: one warning on stderr
+        **runtime,
+    )
+    if args.output is not None:
+        n = write_predictions(rows, args.output)
+        console.print(f"wrote {n} predictions to [bold]{args.output}[/bold]")
+        return 0
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{"file": r.file, "predictions": r.top} for r in rows], indent=2))
         return 0
     for row in rows:
-        ranked = ", ".join(f"{label} {100 * v:.1f}%" for label, v in row["predictions"])
-        console.print(f"{row['file']}: {ranked}", highlight=False)
+        ranked = ", ".join(f"{label} {100 * v:.1f}%" for label, v in row.top)
+        console.print(f"{row.file}: {ranked}", highlight=False)
     return 0
 
 

@@ -62,6 +62,42 @@ def _skip_unreadable_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_arguments(
+    p: argparse.ArgumentParser, *, data: bool = True, cache: bool = True, precision: bool = True
+) -> None:
+    """Where and how the models run: --device, and (for commands reading data) --workers,
+    --precision and --cache-dir."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where models run: auto (a CUDA GPU when torch sees one, else the CPU), cpu, "
+        "cuda or cuda:N (default: %(default)s); cuda on a machine without one is an error",
+    )
+    if precision:
+        p.add_argument(
+            "--precision",
+            choices=("fp32", "bf16", "fp16"),
+            default="fp32",
+            help="run the members in float32, or autocast to bfloat16/float16 (faster on a "
+            "GPU; features agree with fp32 to about 1e-2) (default: %(default)s)",
+        )
+    if data:
+        p.add_argument(
+            "--workers",
+            type=COUNT,
+            default=None,
+            help="DataLoader workers decoding images (default: the cores but one, at most 8; "
+            "0 decodes in the main process)",
+        )
+    if cache:
+        p.add_argument(
+            "--cache-dir",
+            default=None,
+            help="folder keeping the members' features across runs, keyed by trunk weights, "
+            "preprocessing and data content (default: kept in memory for this run only)",
+        )
+
+
 def _trust_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-code",
@@ -109,6 +145,7 @@ def _meld(sub: Any) -> None:
     p.add_argument("recipe", help="the YAML recipe (members, method, params, data)")
     p.add_argument("-o", "--output", required=True, help="folder to write the combined model to")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _run_arguments(p)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_meld)
 
@@ -129,6 +166,7 @@ def _distill(sub: Any) -> None:
         "student, data or data_free, temperature, schedule)",
     )
     _training_arguments(p, "the student")
+    _run_arguments(p, data=False, cache=False, precision=False)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_distill)
 
@@ -149,6 +187,7 @@ def _train(sub: Any) -> None:
         "freeze, data, schedule)",
     )
     _training_arguments(p, "the trained model")
+    _run_arguments(p, data=False, cache=False, precision=False)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_train)
 
@@ -186,6 +225,12 @@ def _merge_weights(sub: Any) -> None:
         "-o", "--output", required=True, help="folder to write the merged (sharded) checkpoint to"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the merge kernels run, tensor by tensor: cpu, cuda, cuda:N or auto "
+        "(default: %(default)s)",
+    )
     p.set_defaults(func=commands.cmd_merge_weights)
 
 
@@ -212,6 +257,7 @@ def _eval(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _skip_unreadable_argument(p)
+    _run_arguments(p)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_eval)
 
@@ -262,6 +308,7 @@ def _extend(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _run_arguments(p, cache=False, precision=False)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_extend)
 
@@ -270,7 +317,8 @@ def _predict(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
         help="predict labels for image files",
-        description="Print the top labels and probabilities for each image.",
+        description="Print (or with --output write) the top labels and probabilities for each "
+        "image, reading and predicting a batch at a time.",
     )
     p.add_argument("model", help="a combined-model folder")
     p.add_argument("files", nargs="+", help="image files, or folders of images")
@@ -278,7 +326,20 @@ def _predict(sub: Any) -> None:
         "--top", type=POSITIVE_INT, default=3, help="labels to show per image (default: 3)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--output",
+        metavar="PREDS.csv|.jsonl",
+        help="write the predictions to this file, a row per image (file, index, label, "
+        "probability, top labels), instead of printing them",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=256,
+        help="images per batch (default: %(default)s)",
+    )
     _skip_unreadable_argument(p)
+    _run_arguments(p, cache=False)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_predict)
 

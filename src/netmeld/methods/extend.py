@@ -32,31 +32,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from netmeld._progress import track
-from netmeld.data import Data, load_data
-from netmeld.engine import seeded, small_fit
+from netmeld.data import Stream, open_data
+from netmeld.engine import on_device, resolve_device, seeded, small_fit
 from netmeld.errors import DataError, LabelError
 from netmeld.model.combined import CombinedModel
 from netmeld.model.heads import Extension
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _embed(
-    model: CombinedModel, inputs: torch.Tensor, batch_size: int, progress: bool | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedded features (before centring) and the model's full logits on ``inputs``."""
+    model: CombinedModel, stream: Stream, run: dict[str, Any], progress: bool | None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Embedded features (before centring), the model's full logits and the labels (if any)
+    of the ``stream``'s inputs, a batch at a time on ``run["device"]``."""
     model.eval()
-    feats, logits = [], []
-    starts = range(0, len(inputs), batch_size)
-    for s in track(starts, "running the model", total=len(starts), enabled=progress):
-        x = inputs[s : s + batch_size]
-        out = model.run_members(x)
-        base = model.base_logits(out, x)
-        if model.extension is not None:
-            base = torch.cat([base, model.extension(out.features, base)], dim=1)
-        feats.append(Extension.embed(out.features))
-        logits.append(base)
-    return torch.cat(feats), torch.cat(logits)
+    dev = resolve_device(run["device"])
+    feats, logits, labels = [], [], []
+    with on_device(model, dev):
+        for batch in stream.batches(
+            run["batch_size"],
+            workers=run["workers"],
+            progress=progress,
+            description="running the model",
+        ):
+            x = batch.inputs.to(dev)
+            out = model.run_members(x)
+            feats.append(Extension.embed(out.features).cpu())
+            logits.append(model.logits_from(out, x).cpu())
+            labels.extend(batch.labels or [])
+    return torch.cat(feats), torch.cat(logits), labels
 
 
 def _imprinted(
@@ -170,40 +175,26 @@ def _fine_tune(
         small_fit([ext.weight], objective, steps, lr=lr, before_step=keep_earlier)
 
 
-def _examples(
-    model: CombinedModel, examples: Any, labels: Any, progress: bool | None
-) -> tuple[Data, list[str]]:
-    """The labeled examples and the labels among them the model does not know yet."""
-    data = load_data(
-        examples if labels is None else (examples, labels),
-        model.input_shape,
-        require_labels=True,
-        what="examples",
-        progress=progress,
-        feature_names=model.feature_names,
-    )
-    assert data.labels is not None
-    new_labels = [label for label in dict.fromkeys(data.labels) if label not in model.labels]
+def _new_labels(model: CombinedModel, given: list[str], source: str) -> list[str]:
+    """The labels among the examples' that the model does not know yet (at least one)."""
+    new_labels = [label for label in dict.fromkeys(given) if label not in model.labels]
     if not new_labels:
         raise LabelError(
-            f"examples ({data.source}): every label is known to the model already "
-            f"({', '.join(sorted(set(data.labels)))}); extend adds new labels"
+            f"examples ({source}): every label is known to the model already "
+            f"({', '.join(sorted(set(given)))}); extend adds new labels"
         )
-    return data, new_labels
+    return new_labels
 
 
 def _unlabeled(
-    model: CombinedModel, unlabeled: Any, batch_size: int, progress: bool | None
+    model: CombinedModel, unlabeled: Any, run: dict[str, Any], progress: bool | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The embeddings and the model's logits of the unlabeled inputs."""
-    extra = load_data(
-        unlabeled,
-        model.input_shape,
-        what="unlabeled inputs",
-        progress=progress,
-        feature_names=model.feature_names,
+    stream = open_data(
+        unlabeled, model.input_shape, what="unlabeled inputs", feature_names=model.feature_names
     )
-    return _embed(model, extra.inputs, batch_size, progress)
+    emb, logits, _ = _embed(model, stream, run, progress)
+    return emb, logits
 
 
 def extend(
@@ -219,6 +210,8 @@ def extend(
     max_false_positives: float = 0.005,
     seed: int = 0,
     batch_size: int = 256,
+    device: str | torch.device | None = "auto",
+    workers: int | None = None,
     progress: bool | None = None,
 ) -> CombinedModel:
     """A copy of ``model`` that also predicts the new labels in ``examples``.
@@ -240,23 +233,34 @@ def extend(
             threshold is the matching quantile of their similarity to it. It bounds how much
             old classes can lose.
         seed: seeds the fine-tuning.
+        device, workers, batch_size: where the model runs over the examples and unlabeled
+            inputs (read batch by batch; ``auto``: the GPU when there is one), how many
+            ``DataLoader`` workers decode images, and the batch size; the fit itself runs on
+            their embeddings, on the CPU.
     """
     if steps < 0 or lr <= 0 or distill < 0 or scale <= 0 or not 0 < max_false_positives < 1:
         raise ValueError(
             "extend: steps and distill must be >= 0, lr and scale > 0, max_false_positives "
             "in (0, 1)"
         )
-    data, new_labels = _examples(model, examples, labels, progress)
-    given: list[str] = list(data.labels or [])
+    run = {"device": device, "workers": workers, "batch_size": batch_size}
+    stream = open_data(
+        examples if labels is None else (examples, labels),
+        model.input_shape,
+        require_labels=True,
+        what="examples",
+        feature_names=model.feature_names,
+    )
     old_labels = list(model.labels)
     extended = copy.deepcopy(model)
-    emb, old_logits = _embed(extended, data.inputs, batch_size, progress)
+    emb, old_logits, given = _embed(extended, stream, run, progress)
+    new_labels = _new_labels(model, given, stream.source)
     all_labels = old_labels + new_labels
     targets = torch.tensor([all_labels.index(label) for label in given])
     is_new = targets >= len(old_labels)
     d_emb, d_logits = emb[~is_new], old_logits[~is_new]
     if unlabeled is not None:
-        u_emb, u_logits = _unlabeled(extended, unlabeled, batch_size, progress)
+        u_emb, u_logits = _unlabeled(extended, unlabeled, run, progress)
         d_emb, d_logits = torch.cat([d_emb, u_emb]), torch.cat([d_logits, u_logits])
     if not len(d_emb):
         warnings.warn(

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from netmeld.data import load_data
+from netmeld.data import open_data
 from netmeld.engine import seeded
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
-from netmeld.methods._extract import extract
+from netmeld.methods._extract import FeatureCache, extract
 from netmeld.methods._registry import get_method
 from netmeld.model.combined import CombinedModel
 
@@ -26,6 +27,12 @@ def meld(
     input_shape: Sequence[int] | None = None,
     feature_names: Sequence[str] | None = None,
     seed: int = 0,
+    device: str | torch.device | None = "auto",
+    precision: str = "fp32",
+    cache: bool | str | Path | FeatureCache | None = True,
+    batch_size: int = 256,
+    workers: int | None = None,
+    skip_unreadable: bool = False,
     progress: bool | None = None,
 ) -> CombinedModel:
     """Combine ``members`` into one model over the union of their labels.
@@ -42,6 +49,14 @@ def meld(
         feature_names: the combined input's column names when members read named columns
             (default: their columns in order of first appearance).
         seed: seeds every random choice of the fit.
+        device: where the members run over the data (``auto``: the GPU when there is one);
+            the fits themselves run on the members' head inputs, on the CPU.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast for running the members.
+        cache: the feature cache: ``True`` the process's, a folder one kept there across
+            processes, ``False`` none.
+        batch_size: inputs per batch when running the members.
+        workers: ``DataLoader`` workers decoding images (default: one core left free).
+        skip_unreadable: leave out (and name in a warning) images that cannot be read.
         progress: show progress bars (default: when stderr is a terminal).
     """
     info = get_method(method)
@@ -66,27 +81,38 @@ def meld(
                 f"method {method!r} uses no data; the data given is ignored", stacklevel=2
             )
     else:
-        loaded = load_data(
+        stream = open_data(
             data,
             model.input_shape,
             require_labels=info.data == "labeled",
             what=f"data for method {method!r}",
-            progress=progress,
             feature_names=model.feature_names,
+            skip_unreadable=skip_unreadable,
         )
-        n_examples = len(loaded)
         label_space = list(model.labels)
+        if info.data == "labeled" and not info.open_labels:
+            stream.check_labels(label_space)  # before any member runs
+        extracted = extract(
+            model,
+            stream,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            cache=cache,
+            workers=workers,
+            progress=progress,
+        )
+        n_examples = len(extracted)
         if info.data == "labeled":
-            assert loaded.labels is not None
+            labels = extracted.labels
+            assert labels is not None
             if info.open_labels:  # the data's labels: known ones in union order, then new
-                present = set(loaded.labels)
+                present = set(labels)
                 label_space = [label for label in label_space if label in present] + [
-                    label for label in dict.fromkeys(loaded.labels) if label not in label_space
+                    label for label in dict.fromkeys(labels) if label not in label_space
                 ]
-            targets = loaded.label_indices(label_space)
-            _check_labeled_data(model, method, loaded.labels, loaded.source)
-        extracted = extract(model, loaded.inputs, progress=progress)
-        extracted.inputs = loaded.inputs
+            targets = stream.label_indices(labels, label_space)
+            _check_labeled_data(model, method, labels, stream.source)
         extracted.label_space = label_space
     with seeded(seed):  # the caller's generators (CPU and GPU) are left as they were
         info.fit(model, extracted, targets, checked)
@@ -107,9 +133,7 @@ def meld(
     return model.eval()
 
 
-def _check_labeled_data(
-    model: CombinedModel, method: str, labels: list[str], source: str
-) -> None:
+def _check_labeled_data(model: CombinedModel, method: str, labels: list[str], source: str) -> None:
     """Degenerate labeled data: one label only is an error (nothing shows how the members
     compare); a member none of whose labels occur is a warning naming it."""
     present = set(labels)

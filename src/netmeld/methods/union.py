@@ -490,7 +490,7 @@ def fit_select(
     def fit_predict(name: str, train: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
         info = by_name[name]
         trial = model.trial_copy()
-        info.fit(trial, _subset(extracted, train), targets[train], info.validate_params({}))
+        info.fit(trial, extracted.subset(train), targets[train], info.validate_params({}))
         with torch.no_grad():
             return trial.union(
                 [h(f[held_out]) for h, f in zip(_heads(trial), extracted.features, strict=True)],
@@ -504,14 +504,3 @@ def fit_select(
     best = by_name[name]
     best.fit(model, extracted, targets, best.validate_params({}))
     model.method["fitted"] = {"selected": best.name, "cv_accuracy": scores, "cv_log_loss": losses}
-
-
-def _subset(extracted: Extracted, rows: torch.Tensor) -> Extracted:
-    from netmeld.methods._extract import Extracted as _Extracted
-
-    return _Extracted(
-        [f[rows] for f in extracted.features],
-        extracted.router_input[rows],
-        None if extracted.inputs is None else extracted.inputs[rows],
-        extracted.label_space,
-    )

@@ -17,6 +17,7 @@ same prediction as one of them.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Sequence
@@ -183,6 +184,9 @@ def _set_fitted(owner: nn.Module, name: str, target: torch.Tensor, value: torch.
     target.copy_(value)
 
 
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
 @dataclass
 class MemberOutputs:
     """What one forward pass computes before the union head."""
@@ -313,19 +317,58 @@ class CombinedModel(nn.Module):
             self.trunks[str(gi)](self.preprocess[str(gi)](x)) for gi in range(len(self.plan))
         ]
         features: list[torch.Tensor] = []
-        logits: list[torch.Tensor] = []
         for name in self.member_names:
             f = self.necks[name](trunk_out[self.group_of[name]])
-            f = f.flatten(1) if f.dim() > 2 else f
-            features.append(f)
-            logits.append(self.heads[name](f))
+            features.append(f.flatten(1) if f.dim() > 2 else f)
+        return self.outputs_from_features(features)
+
+    def outputs_from_features(self, features: Sequence[torch.Tensor]) -> MemberOutputs:
+        """What :meth:`run_members` returns, from the members' head inputs (e.g. cached)."""
+        features = list(features)
+        logits = [self.heads[name](f) for name, f in zip(self.member_names, features, strict=True)]
+        return MemberOutputs(features, logits, self.router_input_from(features))
+
+    def router_input_from(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each distinct head input once (a deduplicated group's once), for a router."""
         router_parts = []
         for gi, group in enumerate(self.plan):  # keep router_columns() in step with this
             if self._dedup_groups[gi]:
                 router_parts.append(features[self.member_names.index(group.members[0])])
             else:
                 router_parts.extend(features[self.member_names.index(n)] for n in group.members)
-        return MemberOutputs(features, logits, torch.cat(router_parts, dim=1))
+        return torch.cat(router_parts, dim=1)
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether what follows the members reads the raw input too (a router on the input, a
+        stacker fed the input): then the members' head inputs alone do not give the output."""
+        if self.combiner is not None:
+            return bool(getattr(self.combiner, "reads_input", False))
+        return self.union.router is not None and self.union.router_source == "input"
+
+    def member_keys(self) -> list[str]:
+        """Per member, a hash of everything its head input depends on: the preprocessing, the
+        trunk and neck (their structure and every tensor), and the input shape."""
+        from netmeld.engine import tensor_digest
+
+        keys = []
+        for name in self.member_names:
+            g = str(self.group_of[name])
+            parts = [self.preprocess[g], self.trunks[g], self.necks[name]]
+            digest = hashlib.blake2b(repr((self.input_shape, parts)).encode(), digest_size=20)
+            for part in parts:
+                for module in part.modules():  # settings kept as plain attributes
+                    plain = sorted(
+                        (k, repr(v))
+                        for k, v in vars(module).items()
+                        if not k.startswith("_") and isinstance(v, _PLAIN)
+                    )
+                    digest.update(repr((type(module).__qualname__, plain)).encode())
+                for key, t in [*part.named_parameters(), *part.named_buffers()]:
+                    digest.update(key.encode())  # non-persistent buffers (statistics) too
+                    tensor_digest(digest, t)
+            keys.append(digest.hexdigest())
+        return keys
 
     def router_columns(self) -> dict[str, tuple[int, int]]:
         """Where each member's head input sits in ``MemberOutputs.router_input``."""
@@ -356,7 +399,14 @@ class CombinedModel(nn.Module):
         return x.flatten(1) if self.union.router_source == "input" else out.router_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.run_members(x)
+        return self.logits_from(self.run_members(x), x)
+
+    def logits_from(self, out: MemberOutputs, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits from the members' outputs (``x`` only when :attr:`reads_input`)."""
+        if x is None:
+            if self.reads_input:
+                raise DataError("this model reads its raw input too; pass x")
+            x = out.router_input
         logits = self.base_logits(out, x)
         if self.extension is not None:
             logits = torch.cat([logits, self.extension(out.features, logits)], dim=1)
@@ -368,8 +418,14 @@ class CombinedModel(nn.Module):
         when the model has no router."""
         if self.union.router is None or self.combiner is not None:
             return None
-        out = self.run_members(x)
-        return F.log_softmax(self.union.gate_logits(self.gate_input(out, x)), dim=1)
+        return self.gate_from(self.run_members(x), x)
+
+    def gate_from(self, out: MemberOutputs, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """:meth:`gate` from the members' outputs (``x`` only when :attr:`reads_input`)."""
+        if self.union.router is None or self.combiner is not None:
+            return None
+        source = out.router_input if x is None else x
+        return F.log_softmax(self.union.gate_logits(self.gate_input(out, source)), dim=1)
 
     # -- labels: the members' labels are the one source; the rest is derived -------------
 

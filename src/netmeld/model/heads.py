@@ -186,6 +186,10 @@ class Stacker(Combiner):
     def from_inputs(self, z: torch.Tensor) -> torch.Tensor:
         return self.meta((z - self.mean) / self.std)
 
+    @property
+    def reads_input(self) -> bool:
+        return self.passthrough == "input"
+
     def forward(self, out: MemberOutputs, x: torch.Tensor) -> torch.Tensor:
         return self.from_inputs(self.stack_inputs(out.logits, out.features, x, self.passthrough))
 

@@ -267,14 +267,25 @@ def recipe_members(recipe: Recipe, base: Path) -> list[Member]:
     return [load_member(spec, base) for spec in recipe.members]
 
 
-def run_recipe(path: str | Path, *, progress: bool | None = None, trust_code: bool = False) -> Any:
+def run_recipe(
+    path: str | Path,
+    *,
+    progress: bool | None = None,
+    trust_code: bool = False,
+    **runtime: Any,
+) -> Any:
     """Read a recipe, load its members and data, and return the combined model. Only trusted
-    architecture builders run (see :func:`netmeld.trust_builder`) unless ``trust_code=True``."""
+    architecture builders run (see :func:`netmeld.trust_builder`) unless ``trust_code=True``.
+    ``runtime``: where and how the members run (``device``, ``precision``, ``cache``,
+    ``workers``, as :func:`netmeld.meld` takes them)."""
     with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
-        return _run_recipe(path, progress=progress)
+        return _run_recipe(path, progress=progress, runtime=runtime)
 
 
-def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
+def _run_recipe(
+    path: str | Path, *, progress: bool | None = None, runtime: dict[str, Any] | None = None
+) -> Any:
+    runtime = dict(runtime or {})
     from netmeld.methods.meld import meld
 
     recipe, base = read_recipe(path)
@@ -290,6 +301,8 @@ def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
             "seed": recipe.seed,
             "progress": progress,
         }
+        if "device" in runtime:
+            union["device"] = runtime["device"]
         if spec.method == "zipit":
             return zip_members(members, data, layers=spec.layers, alpha=spec.alpha, **union)
         return merge_members(
@@ -311,4 +324,5 @@ def _run_recipe(path: str | Path, *, progress: bool | None = None) -> Any:
         feature_names=recipe.feature_names,
         seed=recipe.seed,
         progress=progress,
+        **runtime,
     )

@@ -200,6 +200,7 @@ def _run_distill_recipe(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    device: str | None = "auto",
 ) -> Any:
     """Read a distillation recipe and return the distilled one-member combined model."""
     from netmeld.methods.distill import distill
@@ -227,6 +228,7 @@ def _run_distill_recipe(
             None if info.data == "none" or union_data is None else resolve_path(base, union_data),
             params=recipe.union_params,
             seed=recipe.seed,
+            device=device,
             progress=progress,
         )
     student = None
@@ -257,6 +259,7 @@ def _run_distill_recipe(
         data_free=recipe.data_free,
         synthesis=recipe.synthesis or None,
         seed=recipe.seed,
+        device=None if device == "auto" else device,
         progress=progress,
     )
 
@@ -416,6 +419,7 @@ def _run_train_recipe(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    device: str | None = "auto",
 ) -> Any:
     """Read a ``netmeld train`` recipe, build the fused model and train it."""
     from netmeld.data import Data, load_data
@@ -488,7 +492,14 @@ def _run_train_recipe(
     else:
         data = resolve_path(base, recipe.data)
     config = recipe.schedule.config(recipe.seed, checkpoint_dir, resume)
-    return fusion_train(model, data, config=config, seed=recipe.seed, progress=progress)
+    return fusion_train(
+        model,
+        data,
+        config=config,
+        seed=recipe.seed,
+        device=None if device == "auto" else device,
+        progress=progress,
+    )
 
 
 def _trusted(run: Any, doc: str) -> Any:
@@ -501,9 +512,16 @@ def _trusted(run: Any, doc: str) -> Any:
         resume: bool = False,
         progress: bool | None = None,
         trust_code: bool = False,
+        device: str | None = "auto",
     ) -> Any:
         with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
-            return run(path, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+            return run(
+                path,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                progress=progress,
+                device=device,
+            )
 
     runner.__name__ = runner.__qualname__ = run.__name__.lstrip("_")
     runner.__doc__ = (

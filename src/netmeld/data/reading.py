@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from netmeld._progress import track
 from netmeld.errors import DataError, LabelError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -63,33 +62,22 @@ class Data:
         return torch.tensor(out, dtype=torch.long)
 
 
-def load_data(
+def memory_data(
     data: Any,
-    input_shape: Sequence[int],
+    shape: tuple[int, ...],
     *,
-    require_labels: bool = False,
     what: str = "data",
-    progress: bool | None = None,
     feature_names: Sequence[str] | None = None,
     label_column: str = "label",
-    skip_unreadable: bool = False,
 ) -> Data:
-    """Read ``data`` into a :class:`Data` whose inputs have shape ``(N, *input_shape)``.
-
-    ``feature_names``: for tables, the columns to read, in order (a DataFrame's or CSV file's
-    other columns are ignored; a missing one is an error). ``skip_unreadable``: an image file
-    that cannot be read is left out and counted in one warning naming them (by default it is an
-    error naming the file).
-    """
-    shape = tuple(int(s) for s in input_shape)
+    """Data that is in memory already (tensors, arrays, tables, ``(inputs, labels)``) or a CSV
+    file, checked: not empty, of ``shape``, finite."""
     if data is None:
         raise DataError(f"{what}: no data given")
     if isinstance(data, Data):
         result = data
     elif isinstance(data, (str, Path)) and str(data).lower().endswith(".csv"):
         result = _read_csv(Path(data), feature_names, label_column, what)
-    elif isinstance(data, (str, Path)):
-        result = _read_folder(Path(data), shape, what, progress, skip_unreadable)
     elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (int, float)):
         inputs, labels = data
         x = _to_inputs(_from_frame(inputs, feature_names, what), shape, what)
@@ -97,8 +85,6 @@ def load_data(
         if len(names) != len(x):
             raise DataError(f"{what}: {len(x)} inputs but {len(names)} labels")
         result = Data(x, names, what)
-    elif isinstance(data, torch.utils.data.Dataset):
-        result = _read_dataset(data, shape, what, progress)
     else:
         result = Data(_to_inputs(_from_frame(data, feature_names, what), shape, what), None, what)
     if len(result) == 0:
@@ -109,11 +95,6 @@ def load_data(
             f"the model expects {shape}"
         )
     check_finite(result.inputs, result.source)
-    if require_labels and not result.labeled:
-        raise DataError(
-            f"{result.source}: this needs labeled data: (inputs, label_names) or a folder with "
-            "one subfolder per label"
-        )
     return result
 
 
@@ -243,39 +224,18 @@ def _to_inputs(inputs: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
     return x
 
 
-def _read_dataset(ds: Any, shape: tuple[int, ...], what: str, progress: bool | None) -> Data:
-    try:
-        n = len(ds)
-    except TypeError as exc:
-        raise DataError(f"{what}: the Dataset has no length") from exc
-    classes = getattr(ds, "classes", None)
-    xs: list[torch.Tensor] = []
-    ys: list[str] = []
-    labeled: bool | None = None
-    for i in track(range(n), f"reading {what}", total=n, enabled=progress):
-        item = ds[i]
-        if isinstance(item, (tuple, list)) and len(item) == 2:
-            x, y = item
-            if labeled is False:
-                raise DataError(f"{what}: item {i} has a label but earlier items had none")
-            labeled = True
-            if isinstance(y, torch.Tensor):
-                y = y.item()
-            if isinstance(y, (int, np.integer)):
-                if classes is None:
-                    raise DataError(
-                        f"{what}: item {i} has integer label {int(y)} and the Dataset has no "
-                        "'classes' to name it; return label names or set dataset.classes"
-                    )
-                y = classes[int(y)]
-            ys.append(str(y))
-        else:
-            x = item
-            labeled = False
-        xs.append(_item_tensor(x, shape, f"{what} item {i}"))
-    if not xs:
-        raise DataError(f"{what}: the Dataset is empty; expected at least one item")
-    return Data(torch.stack(xs), ys if labeled else None, what)
+def item_label(y: Any, classes: Sequence[str] | None, what: str, i: int) -> str:
+    """A Dataset item's label as a name (an integer is named through ``classes``)."""
+    if isinstance(y, torch.Tensor):
+        y = y.item()
+    if isinstance(y, (int, np.integer)):
+        if classes is None:
+            raise DataError(
+                f"{what}: item {i} has integer label {int(y)} and the Dataset has no "
+                "'classes' to name it; return label names or set dataset.classes"
+            )
+        return str(classes[int(y)])
+    return str(y)
 
 
 def _item_tensor(x: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -343,17 +303,11 @@ def _warn_skipped(folder: Path, places: list[Path]) -> None:
         )
 
 
-def _read_folder(
-    folder: Path,
-    shape: tuple[int, ...],
-    what: str,
-    progress: bool | None,
-    skip_unreadable: bool = False,
-) -> Data:
+def scan_folder(folder: Path, what: str) -> list[tuple[Path, str | None]]:
+    """The image files of ``folder`` and their labels (its subfolders' names; ``None`` for a
+    folder of images alone), naming the files it does not read."""
     if not folder.exists():
         raise DataError(f"{what}: folder {str(folder)!r} does not exist")
-    if folder.is_file():
-        return Data(read_image(folder, shape)[None], None, str(folder))
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, str | None]] = []
     if subdirs:
@@ -373,26 +327,4 @@ def _read_folder(
             f"{what}: folder {str(folder)!r} has no images and no label subfolders; expected "
             "image files, or one subfolder of images per label"
         )
-    xs, kept, unreadable = [], [], []
-    for p, label in track(
-        files, f"reading {folder.name or folder}", total=len(files), enabled=progress
-    ):
-        try:
-            xs.append(read_image(p, shape))
-        except DataError:
-            if not skip_unreadable:
-                raise
-            unreadable.append(p)
-            continue
-        kept.append((p, label))
-    if unreadable:
-        warnings.warn(
-            f"{str(folder)!r}: skipped {len(unreadable)} of {len(files)} images that cannot be "
-            f"read ({name_files(unreadable, folder)})",
-            stacklevel=3,
-        )
-    if not xs:
-        raise DataError(f"{what}: no image in {str(folder)!r} could be read")
-    files = kept
-    labels = [label for _, label in files] if subdirs else None
-    return Data(torch.stack(xs), labels, str(folder))  # type: ignore[arg-type]
+    return files
