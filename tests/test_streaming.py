@@ -70,9 +70,12 @@ def test_no_verb_holds_the_whole_data_set(digits2, tmp_path):
             batch_size=BATCH,
             workers=0,
         ),
+        "distill": lambda ds: netmeld.distill(
+            model, ds, epochs=1, batch_size=BATCH, device="cpu", progress=False
+        ),
     }
     for verb, run in checks.items():
-        ds = _window(digits2, labeled=verb != "extend" and verb != "predict")
+        ds = _window(digits2, labeled=verb not in ("extend", "predict", "distill"))
         run(ds)
         assert ds.reads >= len(ds), f"{verb} did not read the data"
         assert ds.most_alive <= limit, f"{verb} held {ds.most_alive} of {len(ds)} inputs at once"

@@ -591,6 +591,7 @@ def small_fit(
     examples: int | None = None,
     penalty: float = 0.0,
     what: str = "the fit",
+    progress: bool | None = None,
 ) -> None:
     """Minimise ``loss_fn()`` over ``parameters`` (tensors, or Adam parameter groups).
 
@@ -605,7 +606,8 @@ def small_fit(
     ``examples`` (the number of examples the loss reads) and ``penalty`` (the strength
     of a regulariser inside ``loss_fn``, or ``weight_decay``) check that the data determine the
     answer: fewer examples than fitted numbers, with no penalty, warn
-    (:class:`~netmeld.errors.UnderdeterminedFitWarning`, naming ``what``).
+    (:class:`~netmeld.errors.UnderdeterminedFitWarning`, naming ``what``). A progress bar
+    counts the Adam steps when ``progress`` (default: when stderr is a terminal).
     """
     tensors = [t for p in parameters for t in (p["params"] if isinstance(p, dict) else [p])]
     if examples is not None:
@@ -637,7 +639,7 @@ def small_fit(
             if one_cycle
             else None
         )
-        for _ in range(steps):
+        for _ in track(range(steps), f"fitting {what}", total=steps, enabled=progress):
             loss = loss_fn()
             opt.zero_grad()
             loss.backward()

@@ -10,6 +10,7 @@ batches ahead of the model, and only those batches are alive at once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import warnings
@@ -24,7 +25,6 @@ from netmeld._progress import track_items
 from netmeld.data.reading import (
     Data,
     _item_tensor,
-    image_files,
     item_label,
     memory_data,
     name_files,
@@ -238,6 +238,37 @@ class Stream:
             raise DataError(f"{self.source}: no input could be read")
         return Data(torch.cat(xs), labels if self.labeled else None, self.source)
 
+    def gather(self, positions: torch.Tensor) -> torch.Tensor:
+        """The inputs at ``positions``, read now (files in a few threads; for training loops
+        that draw their own batches). An unreadable one is an error naming it."""
+        if self.tensor is not None:
+            return self.tensor[positions]
+        assert self.items is not None
+        items = self.items
+        wanted = [int(i) for i in positions]
+        with concurrent.futures.ThreadPoolExecutor(max(1, default_workers())) as pool:
+            read = list(pool.map(items.__getitem__, wanted))
+        for x, _, problem in read:
+            if problem is not None or x is None:
+                raise DataError(problem or f"{self.source}: an input could not be read")
+        xs = [x for x, _, _ in read]
+        out = torch.stack(xs)  # type: ignore[arg-type]
+        _check_finite(out, positions, self.source)
+        return out
+
+    def all_labels(self, progress: bool | None = None) -> list[str]:
+        """Every input's label, in order (a Dataset's are read in one pass)."""
+        if self.labels is not None:
+            return list(self.labels)
+        if not self.labeled:
+            raise DataError(f"{self.source}: labels are needed, but the data is unlabeled")
+        labels: list[str] = []
+        for batch in self.batches(
+            progress=progress, description=f"reading labels of {self.source}"
+        ):
+            labels.extend(batch.labels or [])
+        return labels
+
     def fingerprint(self) -> str | None:
         """A hash of everything read: the inputs' bytes (files as stored, tensors as held),
         labels, shape and order; ``None`` for a ``Dataset`` (nothing to hash before reading)."""
@@ -355,8 +386,8 @@ def _open_files(paths: list[Path], shape: tuple[int, ...], what: str, skip: bool
         raise DataError(f"{what}: the model reads vectors of shape {shape}, not images")
     files: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            files.extend(image_files(p))
+        if p.is_dir():  # its images, or those of its label subfolders
+            files.extend(path for path, _ in scan_folder(p, what))
         elif p.exists() or p.is_symlink():
             files.append(p)
         else:

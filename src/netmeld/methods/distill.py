@@ -22,8 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
-from netmeld.data import load_data
-from netmeld.engine import TrainConfig, resolve_config, seeded, small_fit, tensor_batches, train
+from netmeld.data import Stream, open_data
+from netmeld.engine import (
+    TrainConfig,
+    on_device,
+    resolve_config,
+    resolve_device,
+    seeded,
+    small_fit,
+    train,
+)
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
@@ -32,19 +40,31 @@ from netmeld.model.inputs import Preprocess
 
 
 @torch.no_grad()
-def _teacher_logits(
-    teacher: CombinedModel, inputs: torch.Tensor, batch_size: int = 256
+@torch.no_grad()
+def _teacher_pass(
+    teacher: CombinedModel,
+    inputs: Stream,
+    device: str | torch.device | None,
+    progress: bool | None,
+    features: bool = False,
 ) -> torch.Tensor:
+    """The teacher's logits (or with ``features`` its members' head inputs side by side) over
+    the inputs, a batch at a time on ``device``."""
     teacher.eval()
-    return torch.cat(
-        [teacher(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    )
+    dev = resolve_device(device)
+    parts = []
+    with on_device(teacher, dev):
+        for batch in inputs.batches(progress=progress, description="running the teacher"):
+            x = batch.inputs.to(dev)
+            out = teacher.run_members(x)
+            parts.append((out.router_input if features else teacher.logits_from(out, x)).cpu())
+    return torch.cat(parts)
 
 
 def _default_student(
     teacher: CombinedModel,
     init: Literal["member", "merge", "scratch"],
-    inputs: torch.Tensor,
+    inputs: Stream,
     seed: int,
 ) -> Member:
     """The first member's architecture with a new head over the union (fresh parts drawn from
@@ -67,7 +87,8 @@ def _default_student(
 
             if len(teacher.members) < 2:
                 raise MemberError("init='merge' needs at least two teacher members")
-            merged = merge_members(teacher.members, "linear", data=inputs[:2048], seed=seed)
+            sample = inputs.gather(torch.arange(min(2048, len(inputs))))
+            merged = merge_members(teacher.members, "linear", data=sample, seed=seed)
             source = merged.members[0]
         head = find_head(source)
         body = {k: v for k, v in source.module.state_dict().items() if not k.startswith(head + ".")}
@@ -170,18 +191,14 @@ def synthesize(
     return torch.cat(out)
 
 
-@torch.no_grad()
 def _teacher_features(
-    teacher: CombinedModel, inputs: torch.Tensor, batch_size: int = 256
+    teacher: CombinedModel,
+    inputs: Stream,
+    device: str | torch.device | None,
+    progress: bool | None,
 ) -> torch.Tensor:
     """The teachers' penultimate features, side by side and standardised per column."""
-    teacher.eval()
-    feats = torch.cat(
-        [
-            teacher.run_members(inputs[i : i + batch_size]).router_input
-            for i in range(0, len(inputs), batch_size)
-        ]
-    )
+    feats = _teacher_pass(teacher, inputs, device, progress, features=True)
     return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
 
 
@@ -220,9 +237,9 @@ def _teacher_and_inputs(
     synthesis: dict[str, Any] | None,
     seed: int,
     progress: bool | None,
-) -> tuple[CombinedModel, torch.Tensor]:
+) -> tuple[CombinedModel, Stream]:
     """The teacher (members combined with ``union`` first) and the inputs distilled on:
-    ``data``, or ``data_free`` inputs synthesized from the teacher."""
+    ``data`` (read batch by batch), or ``data_free`` inputs synthesized from the teacher."""
     if not isinstance(teacher, CombinedModel):
         from netmeld.methods._registry import get_method
         from netmeld.methods.meld import meld
@@ -238,23 +255,22 @@ def _teacher_and_inputs(
         )
     if data is None:
         assert data_free
-        inputs = synthesize(
+        made = synthesize(
             teacher, int(data_free), seed=seed, progress=progress, **(synthesis or {})
         )
-    else:
-        inputs = load_data(data, teacher.input_shape, what="distillation data").inputs
-    return teacher, inputs
+        return teacher, open_data(made, teacher.input_shape, what="synthesized inputs")
+    return teacher, open_data(data, teacher.input_shape, what="distillation data")
 
 
 def _student(
     teacher: CombinedModel,
     student: nn.Module | Member | None,
     init: Literal["member", "merge", "scratch"],
-    inputs: torch.Tensor,
+    inputs: Stream,
     seed: int,
-) -> tuple[Member, torch.Tensor]:
-    """The student member (checked to predict the teacher's labels in its order) and the
-    inputs in its preprocessing."""
+) -> tuple[Member, Preprocess]:
+    """The student member (checked to predict the teacher's labels in its order) and its
+    preprocessing of the teacher's inputs."""
     labels = list(teacher.labels)
     if student is None:
         member = _default_student(teacher, init, inputs, seed)
@@ -272,40 +288,44 @@ def _student(
         )
     prep = Preprocess(teacher.input_shape, member.preprocessing)
     with torch.no_grad():
-        x = prep(inputs)
-        out = member.module.eval()(x[:2])
+        out = member.module.eval()(prep(inputs.gather(torch.arange(min(2, len(inputs))))))
     if out.shape[-1] != len(labels):
         raise MemberError(
             f"the student outputs {out.shape[-1]} logits, the teacher has {len(labels)} labels"
         )
-    return member, x
+    return member, prep
 
 
 def _fit_student(
     member: Member,
-    x: torch.Tensor,
+    prep: Preprocess,
     targets: torch.Tensor,
     teacher: CombinedModel,
-    inputs: torch.Tensor,
+    inputs: Stream,
     temperature: float,
     hint_weight: float,
     cfg: TrainConfig,
     device: str | None,
     progress: bool | None,
 ) -> None:
-    """Train the student on ``T² · KL(teacher ‖ student)`` over ``x`` (its preprocessed
-    inputs; ``targets`` the teacher's logits), plus the feature hint, on the engine."""
+    """Train the student on ``T² · KL(teacher ‖ student)`` over the inputs (each batch read
+    and preprocessed for the student when it is drawn; ``targets`` the teacher's logits), plus
+    the feature hint, on the engine."""
     t = temperature
     module = member.module
     for p in module.parameters():
         p.requires_grad_(True)
     trained: nn.Module = module
-    batches = tensor_batches(x, targets)
+    extra: list[torch.Tensor] = []
     if hint_weight > 0:
-        teacher_feats = _teacher_features(teacher, inputs)
+        teacher_feats = _teacher_features(teacher, inputs, device, progress)
         with seeded(cfg.seed):  # the projection's start
             trained = _Hinted(module, member, teacher_feats.shape[1])
-        batches = tensor_batches(x, targets, teacher_feats)
+        extra = [teacher_feats]
+
+    @torch.no_grad()
+    def batches(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (prep(inputs.gather(idx)), targets[idx], *(t[idx] for t in extra))
 
     def step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         xb, tb = batch[0], batch[1]
@@ -325,7 +345,7 @@ def _fit_student(
     train(
         trained,
         step,
-        len(x),
+        len(inputs),
         batches,
         cfg,
         device=device,
@@ -387,13 +407,13 @@ def distill(
     )
     if temperature <= 0:
         raise DataError(f"temperature must be > 0, got {temperature}")
-    targets = _teacher_logits(teacher, inputs)
-    member, x = _student(teacher, student, init, inputs, seed)
+    targets = _teacher_pass(teacher, inputs, device, progress)
+    member, prep = _student(teacher, student, init, inputs, seed)
     cfg = resolve_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
     )
     _fit_student(
-        member, x, targets, teacher, inputs, temperature, hint_weight, cfg, device, progress
+        member, prep, targets, teacher, inputs, temperature, hint_weight, cfg, device, progress
     )
     member.module.cpu().eval()
     model = CombinedModel(
@@ -406,7 +426,7 @@ def distill(
             "epochs": cfg.epochs,
             "init": init,
             "hint_weight": hint_weight,
-            "examples": len(x),
+            "examples": len(inputs),
             "data_free": data is None,
         },
         "teacher": {"members": teacher.member_names, "method": teacher.method.get("name")},

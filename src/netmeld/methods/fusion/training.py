@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmeld.data import load_data
-from netmeld.engine import TrainConfig, resolve_config, tensor_batches
+from netmeld.data import open_data
+from netmeld.engine import TrainConfig, resolve_config
 from netmeld.engine import train as run_epochs
 from netmeld.errors import LabelError, MemberError
 from netmeld.members.member import Member
@@ -50,14 +50,15 @@ def task_targets(model: CombinedModel, labels: Sequence[str]) -> torch.Tensor:
 
 def task_accuracy(model: CombinedModel, data: Any) -> dict[str, float]:
     """Accuracy per task of a multi-task model, each over the examples labeled for it."""
-    loaded = load_data(data, model.input_shape, require_labels=True, what="evaluation data")
-    assert loaded.labels is not None
-    targets = task_targets(model, loaded.labels)
+    stream = open_data(data, model.input_shape, require_labels=True, what="evaluation data")
     model.eval()
+    parts, labels = [], []
     with torch.no_grad():
-        logits = torch.cat(
-            [model(loaded.inputs[i : i + 512]) for i in range(0, len(loaded.inputs), 512)]
-        )
+        for batch in stream.batches(512, description="evaluating tasks"):
+            parts.append(model(batch.inputs))
+            labels.extend(batch.labels or [])
+    logits = torch.cat(parts)
+    targets = task_targets(model, labels)
     result = {}
     for k, (task, sl) in enumerate(task_slices(model).items()):
         mask = targets[:, k] >= 0
@@ -177,15 +178,15 @@ def train(
     net = copy.deepcopy(member.module)
     assert isinstance(net, FusedNet)
     net.refreeze()
-    loaded = load_data(data, model.input_shape, require_labels=True, what="training data")
-    assert loaded.labels is not None
+    stream = open_data(data, model.input_shape, require_labels=True, what="training data")
+    labels = stream.all_labels(progress)
     cfg = resolve_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, defaults=SCHEDULE
     )
     params = dict(model.method.get("params", {}))
     trained: nn.Module
     if kind == "multitask":
-        targets = task_targets(model, loaded.labels)
+        targets = task_targets(model, labels)
         assert isinstance(net, MultiTaskNet)
         wrapper = _TaskLoss(net, list(task_slices(model).values()), params)
         trained = wrapper
@@ -197,13 +198,13 @@ def train(
 
     else:
         index = {label: i for i, label in enumerate(model.labels)}
-        missing = sorted({label for label in loaded.labels if label not in index})
+        missing = sorted({label for label in labels if label not in index})
         if missing:
             raise LabelError(
                 f"training data has labels the model does not know: {missing[:5]}; its labels "
                 f"are {list(model.labels)[:10]}"
             )
-        targets = torch.tensor([index[label] for label in loaded.labels])
+        targets = torch.tensor([index[label] for label in labels])
         trained = net
 
         def step(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -213,8 +214,8 @@ def train(
     result = run_epochs(
         trained,
         step,
-        len(loaded.inputs),
-        tensor_batches(loaded.inputs, targets),
+        len(stream),
+        lambda idx: (stream.gather(idx), targets[idx]),  # read when drawn: not all in memory
         cfg,
         device=device,
         progress=progress,
