@@ -195,33 +195,14 @@ def main() -> None:
             )
         before_src = tree / "src"
     for n, folder in sorted(folders.items()):
-        command = [
-            sys.executable,
-            "-m",
-            "netmeld",
-            "eval",
-            str(saved),
-            "--data",
-            str(folder),
-            "--device",
-            "cpu",
-            "--json",
-        ]
-        mb, wall = peak_rss_mb(command)
+        command = [sys.executable, "-m", "netmeld", "eval", str(saved), "--data", str(folder)]
+        command += ["--json"]  # the revision before had no --device (it ran on the CPU)
+        mb, wall = peak_rss_mb([*command, "--device", "cpu"])
         rss[n] = {"rss_mb": mb, "wall_s": wall}
         row = [f"{n:,}", f"{mb:,.0f}", f"{n / wall:,.0f}"]
         if before_src is not None:
             env = dict(os.environ, PYTHONPATH=str(before_src))
-            old = [
-                sys.executable,
-                "-m",
-                "netmeld",
-                "eval",
-                str(saved),
-                "--data",
-                str(folder),
-                "--json",
-            ]
+            old = command
             if n <= 2000:
                 mb_old, wall_old = peak_rss_mb(old, env)
                 rss[n].update(before_rss_mb=mb_old, before_wall_s=wall_old)
