@@ -169,6 +169,15 @@ def test_a_keras_member_works_in_every_method(forum, images, method, tmp_path):
         with pytest.raises(netmeld.MethodError, match="cannot be traced"):
             netmeld.meld([keras_member, torch_member], method, data)
         return
+    if netmeld.get_method(method).data == "statistics":  # a head over one shared trunk
+        stats = [
+            netmeld.feature_statistics(m, (data[0][rows], [data[1][i] for i in rows]))
+            for m in (keras_member, torch_member)
+            for rows in [[i for i, label in enumerate(data[1]) if label in m.labels]]
+        ]
+        with pytest.raises(netmeld.MethodError, match="different trunks"):
+            netmeld.meld([keras_member, torch_member], method, statistics=stats)
+        return
     model = netmeld.meld([keras_member, torch_member], method, data)
     assert model.labels == [*DIGITS, "cat", "dog"]
     model.save(tmp_path / "m")

@@ -87,9 +87,9 @@ def test_members_that_share_nothing_run_side_by_side(digits2):
 
 @pytest.mark.parametrize("method", netmeld.list_methods())
 def test_save_load_round_trip_gives_identical_outputs(digits2, method, tmp_path):
-    from netmeld.demo import method_data
+    from netmeld.demo import method_inputs
 
-    model = netmeld.meld(digits2.members, method, method_data(digits2, method))
+    model = netmeld.meld(digits2.members, method, **method_inputs(digits2, method))
     model.save(tmp_path / "m")
     loaded = netmeld.load(tmp_path / "m")
     x = digits2.test[0][:64]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import netmeld
-from netmeld.demo import method_data
+from netmeld.demo import method_data, method_inputs
 from netmeld.methods import MethodParams, get_method, register_method
 
 # Zero-data ensembles average probabilities; over disjoint label sets that is the naive
@@ -20,7 +20,7 @@ NON_NAIVE = [m for m in netmeld.list_methods() if m != "concat" and m not in ENS
 def test_each_method_beats_concat_on_digits(method, scenario, request):
     sc = request.getfixturevalue(scenario)
     concat = netmeld.evaluate(netmeld.meld(sc.members, "concat"), sc.test, latency=False)
-    model = netmeld.meld(sc.members, method, method_data(sc, method))
+    model = netmeld.meld(sc.members, method, **method_inputs(sc, method))
     report = netmeld.evaluate(model, sc.test, latency=False)
     assert report.union_accuracy > concat.union_accuracy + 0.01, (
         method,
@@ -32,7 +32,7 @@ def test_each_method_beats_concat_on_digits(method, scenario, request):
 @pytest.mark.parametrize("method", netmeld.list_methods())
 def test_methods_never_change_the_members(method, digits2):
     before = [{k: v.clone() for k, v in m.module.state_dict().items()} for m in digits2.members]
-    netmeld.meld(digits2.members, method, method_data(digits2, method))
+    netmeld.meld(digits2.members, method, **method_inputs(digits2, method))
     for m, state in zip(digits2.members, before, strict=True):
         for k, v in m.module.state_dict().items():
             assert torch.equal(v, state[k]), (method, m.name, k)
@@ -41,8 +41,8 @@ def test_methods_never_change_the_members(method, digits2):
 @pytest.mark.parametrize("method", netmeld.list_methods())
 def test_methods_are_deterministic_for_a_seed(method, digits2):
     x = digits2.test[0][:32]
-    a = netmeld.meld(digits2.members, method, method_data(digits2, method), seed=1)
-    b = netmeld.meld(digits2.members, method, method_data(digits2, method), seed=1)
+    a = netmeld.meld(digits2.members, method, **method_inputs(digits2, method), seed=1)
+    b = netmeld.meld(digits2.members, method, **method_inputs(digits2, method), seed=1)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x))
 

@@ -404,6 +404,8 @@ FILES: dict[str, Callable[[Path, str], None]] = {
     "photos": lambda root, name: _photos(root / name, 8, 11),
     "labeled_photos": lambda root, name: _labeled_photos(root / name, PETS + PEOPLE, 1, 12),
     "test_images": lambda root, name: _labeled_photos(root / name, PETS + PEOPLE, 2, 13),
+    "pets_photos": lambda root, name: _labeled_photos(root / name, PETS, 2, 18),
+    "people_photos": lambda root, name: _labeled_photos(root / name, PEOPLE, 2, 19),
     "alien_bug_photos": lambda root, name: _labeled_photos(root / name, ["alien bug"], 3, 14),
     "new_classes": lambda root, name: _labeled_photos(root / name, ["alien bug"], 3, 15),
     "photo1.jpg": lambda root, name: _photos(root, 1, 16, name),

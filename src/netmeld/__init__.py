@@ -33,6 +33,11 @@ from netmeld.methods.extend import extend
 from netmeld.methods.fusion.training import train
 from netmeld.methods.meld import extract, meld
 from netmeld.methods.merge import merge_members, zip_members
+from netmeld.methods.statistics import (
+    FeatureStatistics,
+    feature_statistics,
+    statistics_from_features,
+)
 from netmeld.model.artifact import export, load
 from netmeld.model.combined import CombinedModel
 from netmeld.predict import Prediction, predict, write_predictions
@@ -53,6 +58,7 @@ __all__ = [
     "Data",
     "DataError",
     "FeatureCache",
+    "FeatureStatistics",
     "IncompatibleMembersError",
     "LabelError",
     "Member",
@@ -73,6 +79,7 @@ __all__ = [
     "export",
     "extend",
     "extract",
+    "feature_statistics",
     "fusion",
     "get_method",
     "inspect",
@@ -85,6 +92,7 @@ __all__ = [
     "open_data",
     "predict",
     "register_method",
+    "statistics_from_features",
     "train",
     "trust_builder",
     "write_predictions",

@@ -302,6 +302,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from netmeld.methods.statistics import feature_statistics
+
+    runtime = _runtime(args)
+    source = Path(args.member)
+    if source.is_dir():
+        from netmeld.model.artifact import load
+
+        members = load(source).members
+        names = [m.name for m in members]
+        if args.name is None and len(members) > 1:
+            raise NetmeldError(f"{str(source)!r} has members {names}; pick one with --member")
+        if args.name is not None and args.name not in names:
+            raise NetmeldError(f"{str(source)!r} has no member {args.name!r}; it has {names}")
+        member = members[names.index(args.name) if args.name else 0]
+    else:
+        from netmeld.cli.recipes import recipe_member
+
+        member = recipe_member(source, args.name, trust_code=args.trust_code)
+    stats = feature_statistics(
+        member,
+        args.data,
+        projection=args.projection,
+        seed=args.seed,
+        folds=args.folds,
+        batch_size=args.batch_size,
+        **runtime,
+    )
+    path = stats.save(args.output)
+    console.print(
+        f"statistics of member {member.name!r} ({stats.examples:,} examples, "
+        f"{len(stats.labels)} labels, features of width {stats.width}) saved to "
+        f"[bold]{path}[/bold]",
+        highlight=False,
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 

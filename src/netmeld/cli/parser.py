@@ -344,6 +344,47 @@ def _predict(sub: Any) -> None:
     p.set_defaults(func=commands.cmd_predict)
 
 
+def _stats(sub: Any) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="write a member's statistics (for heads computed without the data)",
+        description="Run MEMBER over its labeled training data and write the statistics of its "
+        "head inputs (class counts, per-class sums, the Gram matrix; optionally through a "
+        "seeded random projection) to a file. `meld` with method ridge or lda computes the "
+        "union head from every member's file, equal to training on all their data together. "
+        "The file reveals class means and feature covariance, no individual input.",
+    )
+    p.add_argument("member", help="a recipe (.yaml) naming the member, or a saved model folder")
+    p.add_argument("--member", dest="name", help="which member of the recipe or folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the member's labeled training data: a folder with one subfolder per label, or a "
+        ".csv table with a 'label' column",
+    )
+    p.add_argument("-o", "--output", required=True, help="the statistics file to write")
+    p.add_argument(
+        "--projection",
+        type=POSITIVE_INT,
+        default=None,
+        help="width of a random ReLU projection of the features first (RanPAC); every "
+        "member's statistics must use the same width and --seed (default: none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the projection (default: 0)")
+    p.add_argument(
+        "--folds",
+        type=_number(int, 2, None, strict=False),
+        default=5,
+        help="held-out parts kept apart, to choose the regularisation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=POSITIVE_INT, default=256, help="batch size (default: %(default)s)"
+    )
+    _run_arguments(p, cache=False, precision=False)
+    _trust_argument(p)
+    p.set_defaults(func=commands.cmd_stats)
+
+
 def _inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect",
@@ -386,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         _eval,
         _extend,
         _predict,
+        _stats,
         _inspect,
     ):
         add(sub)

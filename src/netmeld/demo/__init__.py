@@ -41,6 +41,25 @@ def method_data(scenario: Scenario, method: str, *, seed: int = 0) -> Any:
     return scenario.pool[few], [scenario.pool_labels[i] for i in few]
 
 
+def method_inputs(scenario: Scenario, method: str, *, seed: int = 0) -> dict[str, Any]:
+    """What ``meld`` gets for ``method`` in the demo, tests and benchmarks: ``data`` (see
+    :func:`method_data`), and for the methods from statistics each member's ``statistics`` on
+    its own training rows of the pool (the rows of its labels), from the pool's features."""
+    if get_method(method).data != "statistics":
+        return {"data": method_data(scenario, method, seed=seed)}
+    from netmeld.methods.statistics import feature_statistics, statistics_from_features
+
+    stats = []
+    for m in scenario.members:
+        rows = [i for i, label in enumerate(scenario.pool_labels) if label in m.labels]
+        labels = [scenario.pool_labels[i] for i in rows]
+        if scenario.pool_features is not None:
+            stats.append(statistics_from_features(m, scenario.pool_features[rows], labels))
+        else:
+            stats.append(feature_statistics(m, (scenario.pool[rows], labels), progress=False))
+    return {"statistics": stats}
+
+
 def union_methods() -> list[str]:
     """The registered methods of the union-of-labels family (netmeld.methods.union)."""
     from netmeld.methods import method_infos

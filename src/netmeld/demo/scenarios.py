@@ -129,6 +129,7 @@ class Scenario:
     test: tuple[torch.Tensor, list[str]]
     pool: torch.Tensor  # target-domain training inputs (for unlabeled / few-label fits)
     pool_labels: list[str]
+    pool_features: torch.Tensor | None = None  # the shared trunk's head inputs of ``pool``
 
 
 def transfer_scenario(
@@ -193,6 +194,7 @@ def transfer_scenario(
         (x_test, [class_names[v] for v in y_test]),
         x_train,
         [class_names[v] for v in y_train],
+        feats,
     )
 
 

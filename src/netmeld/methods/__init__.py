@@ -2,7 +2,7 @@
 
 # registers the methods, in the order `netmeld methods` lists them
 from netmeld.methods import union  # noqa: F401, I001
-from netmeld.methods import ensemble, fusion, transfer  # noqa: F401
+from netmeld.methods import ensemble, fusion, statistics, transfer  # noqa: F401
 from netmeld.methods._registry import (
     MethodInfo,
     MethodParams,

@@ -3,7 +3,7 @@ data stream, computed batch by batch on a device, kept in a feature cache, and s
 the processes of ``torchrun``.
 
 The cache keys a member's head inputs by everything they depend on: the member's
-preprocessing, trunk and neck (structure and exact tensors, :meth:`CombinedModel.member_keys`),
+preprocessing, trunk and neck (structure and exact tensors, :func:`member_keys`),
 the data's content (:meth:`Stream.fingerprint`), and the precision they were computed in. Later
 calls in the process reuse them (a bounded in-memory cache); with ``cache=FOLDER`` later
 processes do too (one safetensors file per member and data set, validated when read).
@@ -11,6 +11,7 @@ processes do too (one safetensors file per member and data set, validated when r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from netmeld.data import Stream, open_data
-from netmeld.engine import autocast, distributed_world, on_device, resolve_device
+from netmeld.engine import autocast, distributed_world, on_device, resolve_device, tensor_digest
 from netmeld.errors import DataError
 from netmeld.model.combined import CombinedModel
 
@@ -41,8 +42,10 @@ class Extracted:
         stream: Stream | None = None,
         inputs: torch.Tensor | None = None,
         label_space: list[str] | None = None,
+        statistics: list[Any] | None = None,
     ) -> None:
         self.features = features
+        self.statistics = statistics  # members' FeatureStatistics, for the methods from them
         self.router_input = router_input
         self.labels = labels
         self.index = index
@@ -163,6 +166,33 @@ class FeatureCache:
         return features, index
 
 
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+def member_keys(model: CombinedModel) -> list[str]:
+    """Per member, a hash of everything its head input depends on: the preprocessing, the
+    trunk and neck (their structure, settings and every tensor, non-persistent buffers such
+    as normalisation statistics too), and the input shape."""
+    keys = []
+    for name in model.member_names:
+        g = str(model.group_of[name])
+        parts = [model.preprocess[g], model.trunks[g], model.necks[name]]
+        digest = hashlib.blake2b(repr((model.input_shape, parts)).encode(), digest_size=20)
+        for part in parts:
+            for module in part.modules():  # settings kept as plain attributes
+                plain = sorted(
+                    (k, repr(v))
+                    for k, v in vars(module).items()
+                    if not k.startswith("_") and isinstance(v, _PLAIN)
+                )
+                digest.update(repr((type(module).__qualname__, plain)).encode())
+            for key, t in [*part.named_parameters(), *part.named_buffers()]:
+                digest.update(key.encode())
+                tensor_digest(digest, t)
+        keys.append(digest.hexdigest())
+    return keys
+
+
 PROCESS_CACHE = FeatureCache()
 _FOLDER_CACHES: dict[Path, FeatureCache] = {}
 
@@ -224,7 +254,7 @@ def extract(
     fingerprint = stream.fingerprint() if store is not None else None
     keys = None
     if store is not None and fingerprint is not None:
-        keys = [f"{k}-{fingerprint}-{precision}"[:160] for k in model.member_keys()]
+        keys = [f"{k}-{fingerprint}-{precision}"[:160] for k in member_keys(model)]
         found = [store.get(k) for k in keys]
         if all(gather(all(f is not None for f in found))):
             features = [f for f, _ in found]  # type: ignore[misc]

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from netmeld.methods._extract import Extracted
     from netmeld.model.combined import CombinedModel
 
-DataNeed = Literal["none", "unlabeled", "labeled"]
+DataNeed = Literal["none", "statistics", "unlabeled", "labeled"]
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -75,8 +75,10 @@ def register_method(
     """
     if not _NAME.match(name):
         raise MethodError(f"method name {name!r}: use lowercase words joined by '-'")
-    if data not in ("none", "unlabeled", "labeled"):
-        raise MethodError(f"method {name!r}: data must be 'none', 'unlabeled' or 'labeled'")
+    if data not in ("none", "statistics", "unlabeled", "labeled"):
+        raise MethodError(
+            f"method {name!r}: data must be 'none', 'statistics', 'unlabeled' or 'labeled'"
+        )
 
     def decorate(fn: FitFn) -> FitFn:
         if name in _REGISTRY:

@@ -13,8 +13,9 @@ from netmeld.data import open_data
 from netmeld.engine import seeded
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
-from netmeld.methods._extract import FeatureCache, extract
-from netmeld.methods._registry import get_method
+from netmeld.methods._extract import Extracted, FeatureCache, extract
+from netmeld.methods._registry import get_method, list_methods
+from netmeld.methods.statistics import FeatureStatistics
 from netmeld.model.combined import CombinedModel
 
 
@@ -27,6 +28,7 @@ def meld(
     input_shape: Sequence[int] | None = None,
     feature_names: Sequence[str] | None = None,
     seed: int = 0,
+    statistics: Sequence[Any] | None = None,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
     cache: bool | str | Path | FeatureCache | None = True,
@@ -49,6 +51,8 @@ def meld(
         feature_names: the combined input's column names when members read named columns
             (default: their columns in order of first appearance).
         seed: seeds every random choice of the fit.
+        statistics: for the methods from statistics (``ridge``, ``lda``): one
+            :class:`~netmeld.FeatureStatistics` (or its file) per member, in member order.
         device: where the members run over the data (``auto``: the GPU when there is one);
             the fits themselves run on the members' head inputs, on the CPU.
         precision: ``fp32``, or ``bf16``/``fp16`` autocast for running the members.
@@ -75,7 +79,27 @@ def meld(
     extracted = None
     targets = None
     n_examples = 0
-    if info.data == "none":
+    if info.data == "statistics":
+        if statistics is None:
+            raise MethodError(
+                f"method {method!r} computes a head from member statistics: pass "
+                "statistics=[...] (one netmeld.feature_statistics per member)"
+            )
+        if data is not None:
+            warnings.warn(
+                f"method {method!r} uses statistics; the data given is ignored", stacklevel=2
+            )
+        stats = [
+            s if not isinstance(s, (str, Path)) else FeatureStatistics.load(s) for s in statistics
+        ]
+        extracted = Extracted([], torch.zeros(0, 0), statistics=stats)
+        n_examples = sum(s.examples for s in stats)
+    elif statistics is not None:
+        raise MethodError(
+            f"method {method!r} does not read statistics; the methods that do: "
+            f"{', '.join(list_methods('statistics'))}"
+        )
+    elif info.data == "none":
         if data is not None:
             warnings.warn(
                 f"method {method!r} uses no data; the data given is ignored", stacklevel=2

@@ -17,7 +17,6 @@ same prediction as one of them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,6 @@ from netmeld.errors import (
     LabelError,
     MethodError,
     ModelFileError,
-    NetmeldError,
 )
 from netmeld.members.graph import (
     CapturedBody,
@@ -49,6 +47,7 @@ from netmeld.members.graph import (
     trace_member,
 )
 from netmeld.members.member import Member
+from netmeld.members.rebuild import check_rebuilds
 from netmeld.model.heads import Combiner, Extension
 from netmeld.model.inputs import Preprocess, check_input_shapes, resolve_columns
 
@@ -182,9 +181,6 @@ def _set_fitted(owner: nn.Module, name: str, target: torch.Tensor, value: torch.
     if not torch.isfinite(value).all():
         raise MethodError(f"{type(owner).__name__}.{name}: the fitted value is not finite")
     target.copy_(value)
-
-
-_PLAIN = (bool, int, float, str, tuple, type(None))
 
 
 @dataclass
@@ -345,30 +341,6 @@ class CombinedModel(nn.Module):
         if self.combiner is not None:
             return bool(getattr(self.combiner, "reads_input", False))
         return self.union.router is not None and self.union.router_source == "input"
-
-    def member_keys(self) -> list[str]:
-        """Per member, a hash of everything its head input depends on: the preprocessing, the
-        trunk and neck (their structure and every tensor), and the input shape."""
-        from netmeld.engine import tensor_digest
-
-        keys = []
-        for name in self.member_names:
-            g = str(self.group_of[name])
-            parts = [self.preprocess[g], self.trunks[g], self.necks[name]]
-            digest = hashlib.blake2b(repr((self.input_shape, parts)).encode(), digest_size=20)
-            for part in parts:
-                for module in part.modules():  # settings kept as plain attributes
-                    plain = sorted(
-                        (k, repr(v))
-                        for k, v in vars(module).items()
-                        if not k.startswith("_") and isinstance(v, _PLAIN)
-                    )
-                    digest.update(repr((type(module).__qualname__, plain)).encode())
-                for key, t in [*part.named_parameters(), *part.named_buffers()]:
-                    digest.update(key.encode())  # non-persistent buffers (statistics) too
-                    tensor_digest(digest, t)
-            keys.append(digest.hexdigest())
-        return keys
 
     def router_columns(self) -> dict[str, tuple[int, int]]:
         """Where each member's head input sits in ``MemberOutputs.router_input``."""
@@ -574,7 +546,7 @@ class CombinedModel(nn.Module):
         check_replaceable(path, overwrite=overwrite)
         config = self.config()
         for member in self.members:
-            _check_rebuilds(member)
+            check_rebuilds(member)
         tensors = {k: v.detach().cpu().contiguous() for k, v in _unique_state(self).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp(path)
@@ -587,53 +559,6 @@ class CombinedModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
-
-
-def _check_rebuilds(member: Member) -> None:
-    """What is saved opens: ``member``'s architecture builds a module that takes its tensors
-    and gives its outputs on a probe batch; otherwise the save is refused with the reason, before
-    anything is written."""
-    assert member.architecture is not None
-    what = f"member {member.name!r}: its architecture {member.architecture.spec!r}"
-    try:
-        rebuilt = member.architecture.build(num_classes=len(member.labels))
-    except NetmeldError as exc:
-        raise ModelFileError(
-            f"{what} cannot be rebuilt, so the saved model would not open: {exc}"
-        ) from exc
-    state = member.module.state_dict()
-    try:
-        rebuilt.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(
-            f"{what} with {dict(member.architecture.kwargs)} builds a module whose tensors differ "
-            f"from the member's ({first}); pass the architecture_kwargs that made it"
-        ) from exc
-    device = next((t.device for t in state.values()), torch.device("cpu"))
-    rebuilt.to(device)
-    probe = torch.randn(
-        2, *member.preprocessing.input_shape, generator=torch.Generator().manual_seed(0)
-    ).to(device)
-    was_training = member.module.training
-    member.module.eval()
-    rebuilt.eval()
-    try:
-        with torch.no_grad():
-            ours, theirs = member.module(probe), rebuilt(probe)
-    except Exception:  # a module that cannot run on random inputs: its tensors matched
-        return
-    finally:
-        member.module.train(was_training)
-    if (
-        isinstance(ours, torch.Tensor)
-        and isinstance(theirs, torch.Tensor)
-        and (ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4))
-    ):
-        raise ModelFileError(
-            f"{what} rebuilt with the member's tensors gives other outputs on a probe batch; the "
-            "module holds state outside its tensors, so it cannot be saved without pickle"
-        )
 
 
 def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -258,10 +258,68 @@ class FeatureHead(Combiner):
         return {"dims": self.dims, "labels": self.labels, "fusion": self.fusion, "dim": self.dim}
 
 
+def random_features(dim: int, width: int, seed: int) -> torch.Tensor:
+    """RanPAC's fixed random projection ``(dim, width)``: standard normal, drawn from ``seed``
+    by its own generator (the same matrix on every machine and for every member)."""
+    if width < 1:
+        raise MethodError(f"projection width must be at least 1, got {width}")
+    return torch.randn(dim, width, generator=torch.Generator().manual_seed(seed))
+
+
+class StatisticsHead(Combiner):
+    """A head over the union computed from member statistics: one linear layer over the
+    members' shared head input, after an optional fixed random ReLU projection (RanPAC)."""
+
+    kind = "statistics"
+    projection: torch.Tensor
+
+    def __init__(
+        self, dim: int, labels: Sequence[str], projection: int | None = None, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.dim, self.labels = int(dim), list(labels)
+        self.width, self.seed = projection, int(seed)
+        if projection is None:
+            self.register_buffer("projection", torch.zeros(0, 0))
+        else:
+            self.register_buffer("projection", random_features(self.dim, projection, seed))
+        self.linear = nn.Linear(self.dim if projection is None else projection, len(self.labels))
+
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        _set_value(self.linear.weight, weight)
+        _set_value(self.linear.bias, bias)
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.width is None else torch.relu(z @ self.projection)
+
+    def forward(self, out: MemberOutputs, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(out.features[0]))
+
+    def as_linear(self) -> nn.Linear:
+        """The head as one ``nn.Linear`` over the shared trunk's features (no projection)."""
+        if self.width is not None:
+            raise MethodError("a head over a random projection is not one linear layer")
+        return self.linear
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "labels": self.labels, "projection": self.width, "seed": self.seed}
+
+
+def _set_value(target: torch.Tensor, value: torch.Tensor) -> None:
+    if value.shape != target.shape or not torch.isfinite(value).all():
+        raise MethodError(
+            f"a fitted head value of shape {tuple(value.shape)} is not finite "
+            f"or does not fit {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(value)
+
+
 COMBINERS: dict[str, type[Combiner]] = {
     "ensemble": Ensemble,
     "stack": Stacker,
     "transfer": FeatureHead,
+    "statistics": StatisticsHead,
 }
 
 

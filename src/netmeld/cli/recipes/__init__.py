@@ -11,6 +11,7 @@ from netmeld.cli.recipes.meld import (
     Recipe,
     load_member,
     read_recipe,
+    recipe_member,
     recipe_members,
     run_recipe,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "read_distill_recipe",
     "read_recipe",
     "read_train_recipe",
+    "recipe_member",
     "recipe_members",
     "run_distill_recipe",
     "run_recipe",

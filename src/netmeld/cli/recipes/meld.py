@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from netmeld.errors import MethodError
+from netmeld.errors import MethodError, RecipeError
 from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.members.member import Member, Preprocessing
 from netmeld.members.trust import reading_files
@@ -99,6 +99,11 @@ class MemberSpec(StrictSpec):
     )
     output: str | None = Field(
         default=None, description="the output of a multi-output Keras model this member is"
+    )
+    statistics: str | None = Field(
+        default=None,
+        description="the member's statistics file (`netmeld stats`), for the methods computed "
+        "from statistics (`ridge`, `lda`); relative to the recipe",
     )
 
     @model_validator(mode="after")
@@ -212,7 +217,14 @@ class Recipe(StrictSpec):
                     f"merge {self.merge.method!r} (align {self.merge.align!r}) needs data: add "
                     "'data: FOLDER' to the recipe"
                 )
-        if info.data != "none" and self.data is None:
+        if info.data == "statistics":
+            lacking = [m.name or Path(m.checkpoint).stem for m in self.members if not m.statistics]
+            if lacking:
+                raise MethodError(
+                    f"method {self.method!r} computes the head from member statistics: give "
+                    f"member {lacking[0]!r} 'statistics: FILE' (made by netmeld stats)"
+                )
+        elif info.data != "none" and self.data is None:
             raise MethodError(
                 f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
             )
@@ -282,6 +294,18 @@ def run_recipe(
         return _run_recipe(path, progress=progress, runtime=runtime)
 
 
+def recipe_member(path: str | Path, name: str | None, *, trust_code: bool = False) -> Member:
+    """One member of a recipe (by ``name``; the only one when ``name`` is ``None``)."""
+    with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
+        recipe, base = read_recipe(path)
+        names = [m.name or Path(m.checkpoint).stem for m in recipe.members]
+        if name is None and len(names) > 1:
+            raise RecipeError(f"recipe {str(path)!r} has members {names}; pick one with --member")
+        if name is not None and name not in names:
+            raise RecipeError(f"recipe {str(path)!r} has no member {name!r}; it has {names}")
+        return load_member(recipe.members[names.index(name) if name else 0], base)
+
+
 def _run_recipe(
     path: str | Path, *, progress: bool | None = None, runtime: dict[str, Any] | None = None
 ) -> Any:
@@ -315,10 +339,14 @@ def _run_recipe(
             align=spec.align,
             **union,
         )
+    statistics = None
+    if get_method(recipe.method).data == "statistics":
+        statistics = [resolve_path(base, m.statistics) for m in recipe.members if m.statistics]
     return meld(
         members,
         recipe.method,
         data,
+        statistics=statistics,
         params=recipe.params,
         input_shape=recipe.input_shape,
         feature_names=recipe.feature_names,

@@ -1,0 +1,135 @@
+"""Member statistics: the ridge head computed from them equals the ridge head fitted on all the
+members' training features together; files round-trip, and statistics that do not fit their
+member, or each other, are clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import netmeld
+from netmeld.errors import MethodError, ModelFileError
+from netmeld.methods.statistics import FeatureStatistics, feature_statistics
+
+
+def _own_data(scenario, member):
+    rows = [i for i, label in enumerate(scenario.pool_labels) if label in member.labels]
+    return scenario.pool[rows], [scenario.pool_labels[i] for i in rows]
+
+
+def _features(member, x):
+    model = netmeld.meld([member], "concat")
+    with torch.no_grad():
+        return model.run_members(x).features[0].double()
+
+
+def _joint_ridge(members, datasets, lam):
+    """The ridge head on every member's training features together (union one-hot targets)."""
+    union = list(dict.fromkeys(label for m in members for label in m.labels))
+    z = torch.cat([_features(m, x) for m, (x, _) in zip(members, datasets, strict=True)])
+    y = torch.tensor([union.index(label) for _, labels in datasets for label in labels])
+    z1 = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
+    gram = z1.T @ z1
+    penalty = torch.zeros_like(gram)
+    penalty.diagonal()[:-1] = lam * torch.diagonal(gram)[:-1].mean()
+    w = torch.linalg.solve(gram + penalty, z1.T @ torch.nn.functional.one_hot(y).double())
+    return union, w[:-1].T, w[-1]
+
+
+def _overlapping(scenario):
+    """Two members on one trunk whose label sets share a label ('4')."""
+    a, b = scenario.members
+    b2 = copy.deepcopy(b)
+    labels = ["4", *list(b.labels)[1:]]
+    return [a, netmeld.Member(b2.module, labels, name="b2", preprocessing=b.preprocessing)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_ridge_head_from_statistics_equals_joint_ridge_training(digits2, overlap):
+    members = _overlapping(digits2) if overlap else digits2.members
+    datasets = [_own_data(digits2, m) for m in members]
+    stats = [feature_statistics(m, d, folds=3) for m, d in zip(members, datasets, strict=True)]
+    model = netmeld.meld(members, "ridge", statistics=stats, params={"ridge": 0.1})
+    union, weight, bias = _joint_ridge(members, datasets, 0.1)
+    assert model.labels == union
+    linear = model.combiner.as_linear()  # one nn.Linear over the shared trunk's features
+    torch.testing.assert_close(linear.weight.double(), weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(linear.bias.double(), bias, rtol=1e-4, atol=1e-5)
+    x = digits2.test[0][:50]
+    expected = _features(members[0], x) @ weight.T + bias
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_heads_beat_concat_and_save_and_load(digits2, tmp_path):
+    members = digits2.members
+    datasets = [_own_data(digits2, m) for m in members]
+    concat = netmeld.evaluate(netmeld.meld(members, "concat"), digits2.test, latency=False)
+    for method, projection in (("ridge", None), ("ridge", 256), ("lda", None), ("lda", 256)):
+        stats = [
+            feature_statistics(m, d, projection=projection, seed=3)
+            for m, d in zip(members, datasets, strict=True)
+        ]
+        paths = [
+            s.save(tmp_path / f"{m.name}-{method}-{projection}.stats")
+            for s, m in zip(stats, members, strict=True)
+        ]
+        model = netmeld.meld(members, method, statistics=paths)  # files, read back
+        report = netmeld.evaluate(model, digits2.test, latency=False)
+        assert report.union_accuracy > concat.union_accuracy, (method, projection)
+        saved = model.save(tmp_path / f"{method}-{projection}")
+        again = netmeld.load(saved)
+        torch.testing.assert_close(again(digits2.test[0][:20]), model(digits2.test[0][:20]))
+        assert model.method["fitted"]["examples"] == sum(len(d[0]) for d in datasets)
+
+
+def test_statistics_round_trip_and_hostile_files_are_refused(digits2, tmp_path):
+    member = digits2.members[0]
+    stats = feature_statistics(member, _own_data(digits2, member), projection=32, seed=1)
+    path = stats.save(tmp_path / "a.stats")
+    back = FeatureStatistics.load(path)
+    assert (back.labels, back.projection, back.seed, back.dim) == (
+        stats.labels,
+        32,
+        1,
+        stats.dim,
+    )
+    assert torch.equal(back.gram, stats.gram) and torch.equal(back.sums, stats.sums)
+    (tmp_path / "bad.stats").write_bytes(b"\x00" * 40)
+    with pytest.raises(ModelFileError, match="cannot be read"):
+        FeatureStatistics.load(tmp_path / "bad.stats")
+    broken = copy.deepcopy(stats)
+    broken.gram[0, 0, 0] = float("nan")
+    with pytest.raises(ModelFileError, match="'gram' holds NaN"):
+        FeatureStatistics.load(broken.save(tmp_path / "nan.stats"))
+    with pytest.raises(ModelFileError, match="does not exist"):
+        FeatureStatistics.load(tmp_path / "missing.stats")
+
+
+def test_statistics_that_do_not_fit_are_clear_errors(digits2):
+    a, b = digits2.members
+    sa = feature_statistics(a, _own_data(digits2, a))
+    sb = feature_statistics(b, _own_data(digits2, b))
+    with pytest.raises(MethodError, match="one per member"):
+        netmeld.meld([a, b], "ridge", statistics=[sa])
+    with pytest.raises(MethodError, match=r"labels .* differ"):
+        netmeld.meld([a, b], "ridge", statistics=[sb, sa])
+    retrained = copy.deepcopy(a)  # the same labels on a trunk whose weights moved
+    with torch.no_grad():
+        next(retrained.module.parameters()).view(-1)[0] += 0.01
+    with pytest.raises(MethodError, match="another trunk or preprocessing"):
+        netmeld.meld([retrained, b], "ridge", statistics=[sa, sb])
+    projected = feature_statistics(b, _own_data(digits2, b), projection=16)
+    with pytest.raises(MethodError, match="projected differently"):
+        netmeld.meld([a, b], "ridge", statistics=[sa, projected])
+    with pytest.raises(MethodError, match=r"statistics=\[\.\.\.\]"):
+        netmeld.meld([a, b], "lda")
+    with pytest.raises(MethodError, match="does not read statistics"):
+        netmeld.meld([a, b], "concat", statistics=[sa, sb])
+    moved = copy.deepcopy(b)  # a member fine-tuned away from the shared trunk, with its own stats
+    with torch.no_grad():
+        next(moved.module.parameters()).view(-1)[0] += 0.01
+    own = feature_statistics(moved, _own_data(digits2, moved))
+    with pytest.raises(MethodError, match="different trunks"):
+        netmeld.meld([a, moved], "ridge", statistics=[sa, own])
