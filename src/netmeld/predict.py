@@ -90,23 +90,54 @@ def predict(
                 yield Prediction(i, file, [(labels[c], p) for c, p in zip(j, v, strict=True)])
 
 
-def write_predictions(predictions: Iterable[Prediction], path: str | Path) -> int:
+CSV_HEADER = ["file", "index", "label", "probability", "top"]
+
+
+def _written_by_netmeld(path: Path) -> bool:
+    """Whether ``path`` starts as a predictions file netmeld writes (its header, or a JSON
+    line with its keys)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix.lower() == ".csv":
+        return first == ",".join(CSV_HEADER)
+    try:
+        return set(json.loads(first)) == {"file", "index", "label", "probability", "predictions"}
+    except (ValueError, TypeError):
+        return False
+
+
+def write_predictions(
+    predictions: Iterable[Prediction], path: str | Path, *, overwrite: bool = False
+) -> int:
     """Write ``predictions`` to ``path`` (``.csv``: file, index, label, probability and the
     top labels as ``label:probability`` joined by ``;``; ``.jsonl``: one JSON object per
-    line), streaming, through a temporary file renamed at the end; returns the row count."""
+    line), streaming, through a temporary file renamed at the end; returns the row count.
+    An existing file is replaced only with ``overwrite`` and only if netmeld wrote it."""
     path = Path(path)
     kind = path.suffix.lower()
     if kind not in (".csv", ".jsonl"):
         raise DataError(f"{str(path)!r}: predictions are written as .csv or .jsonl")
-    if path.is_dir():
-        raise DataError(f"{str(path)!r} is a folder; expected a .csv or .jsonl file name")
+    if path.is_dir() or path.is_symlink():
+        raise DataError(f"{str(path)!r} is a folder or a link; expected a .csv or .jsonl file")
+    if path.exists():
+        if not overwrite:
+            raise DataError(
+                f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it"
+            )
+        if not _written_by_netmeld(path):
+            raise DataError(
+                f"{str(path)!r} is not a predictions file netmeld wrote; refusing to replace it"
+            )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     n = 0
     try:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh) if kind == ".csv" else None
             if writer is not None:
-                writer.writerow(["file", "index", "label", "probability", "top"])
+                writer.writerow(CSV_HEADER)
             for p in predictions:
                 if writer is not None:
                     top = ";".join(f"{label}:{v:.6f}" for label, v in p.top)

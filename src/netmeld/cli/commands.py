@@ -290,7 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         **runtime,
     )
     if args.output is not None:
-        n = write_predictions(rows, args.output)
+        n = write_predictions(rows, args.output, overwrite=args.overwrite)
         console.print(f"wrote {n} predictions to [bold]{args.output}[/bold]")
         return 0
     if args.json:
@@ -330,7 +330,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         **runtime,
     )
-    path = stats.save(args.output)
+    path = stats.save(args.output, overwrite=args.overwrite)
     console.print(
         f"statistics of member {member.name!r} ({stats.examples:,} examples, "
         f"{len(stats.labels)} labels, features of width {stats.width}) saved to "

@@ -333,6 +333,11 @@ def _predict(sub: Any) -> None:
         "probability, top labels), instead of printing them",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the --output file if it exists (only a predictions file netmeld wrote)",
+    )
+    p.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         default=256,
@@ -363,6 +368,11 @@ def _stats(sub: Any) -> None:
         ".csv table with a 'label' column",
     )
     p.add_argument("-o", "--output", required=True, help="the statistics file to write")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it exists (only a statistics file netmeld wrote)",
+    )
     p.add_argument(
         "--projection",
         type=POSITIVE_INT,

@@ -64,9 +64,7 @@ def union_methods() -> list[str]:
     """The registered methods of the union-of-labels family (netmeld.methods.union)."""
     from netmeld.methods import method_infos
 
-    return [
-        info.name for info in method_infos() if info.fit.__module__ == "netmeld.methods.union"
-    ]
+    return [info.name for info in method_infos() if info.fit.__module__ == "netmeld.methods.union"]
 
 
 def leaderboard(

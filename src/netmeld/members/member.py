@@ -85,7 +85,8 @@ class Preprocessing:
             raise MemberError("preprocessing: give both mean and std, or neither")
         if self.columns is not None:
             columns = tuple(
-                c if isinstance(c, str) else int(c) for c in self.columns  # numpy ints too
+                c if isinstance(c, str) else int(c)
+                for c in self.columns  # numpy ints too
             )
             if len(shape) != 1 or len(columns) != shape[0]:
                 raise MemberError(

@@ -83,11 +83,23 @@ class FeatureStatistics:
     def examples(self) -> int:
         return int(self.counts.sum())
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``path`` (safetensors; the settings as JSON in its header), atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``path`` (safetensors; the settings as JSON in its header), atomically. An
+        existing file is replaced only with ``overwrite`` and only if it is a statistics file."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir() or path.is_symlink():
+            raise ModelFileError(f"{str(path)!r} is a folder or a link; expected a file name")
+        if path.exists():
+            if not overwrite:
+                raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True (--overwrite)")
+            try:
+                FeatureStatistics.load(path)
+            except ModelFileError:
+                raise ModelFileError(
+                    f"{str(path)!r} is not a statistics file netmeld wrote; refusing to replace it"
+                ) from None
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
