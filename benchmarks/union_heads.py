@@ -46,6 +46,7 @@ from netmeld.demo.scenarios import (
 )
 from netmeld.evaluate import metrics_from_logits
 from netmeld.members.member import Preprocessing
+from netmeld.model.inputs import Preprocess
 from netmeld.methods import get_method, list_methods
 from netmeld.methods.meld import extract
 from netmeld.zoo import SmallCNN
@@ -151,7 +152,7 @@ def _cifar(
         for p in base.parameters():
             p.requires_grad_(False)
         x_train = to_t(xtr)
-        pre = netmeld.combined.Preprocess(
+        pre = Preprocess(
             (3, 32, 32), Preprocessing((3, resolution, resolution), mean=(mean,), std=(std,))
         )
         start = time.perf_counter()
@@ -365,6 +366,8 @@ def main() -> None:
                     file=sys.stderr,
                 )
             everything[f"{source.name}, {split_name}"] = runs
+            if args.json:  # after every scenario: a crash later keeps what was measured
+                args.json.write_text(json.dumps(everything, indent=2))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=2))
     print_tables(everything, console, args.seeds)
