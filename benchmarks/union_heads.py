@@ -46,9 +46,9 @@ from netmeld.demo.scenarios import (
 )
 from netmeld.evaluate import metrics_from_logits
 from netmeld.members.member import Preprocessing
-from netmeld.model.inputs import Preprocess
 from netmeld.methods import get_method, list_methods
 from netmeld.methods.meld import extract
+from netmeld.model.inputs import Preprocess
 from netmeld.zoo import SmallCNN
 
 SPLITS = {
