@@ -320,6 +320,9 @@ def main() -> None:
     parser.add_argument("--cifar-test-per-class", type=int, default=300)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
+        "--splits", nargs="+", choices=list(SPLITS), help="run only these splits (default: all)"
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         help="run only these methods (concat and the oracle always run; default: all)",
@@ -355,6 +358,8 @@ def main() -> None:
     for key in args.datasets:
         source = sources[key]
         for split_name, splits in SPLITS.items():
+            if args.splits and split_name not in args.splits:
+                continue
             runs = []
             for seed in args.seeds:
                 start = time.perf_counter()
