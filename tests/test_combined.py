@@ -11,6 +11,7 @@ from torch import nn
 
 import netmeld
 from netmeld import CombinedModel, Member, Preprocessing
+from netmeld.engine import state_equal
 from netmeld.zoo import SmallCNN
 
 
@@ -100,6 +101,11 @@ def test_save_load_round_trip_gives_identical_outputs(digits2, method, tmp_path)
     assert loaded.method["name"] == method
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == [".netmeld-output", "model.safetensors", "netmeld.json"]
+    for original, back in zip(model.members, loaded.members, strict=True):  # their own bodies
+        head = loaded.head_names[back.name] + "."
+        body = {k: v for k, v in original.module.state_dict().items() if not k.startswith(head)}
+        mine = {k: v for k, v in back.module.state_dict().items() if not k.startswith(head)}
+        assert state_equal(body, mine), back.name
 
 
 def test_saved_trunk_is_stored_once(digits3, tmp_path):

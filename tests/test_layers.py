@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "netmeld.ops": 0,
     "netmeld.data": 0,
     "netmeld.engine": 0,
+    "netmeld.runtime": 0,
     "netmeld.zoo": 0,
     "netmeld.io": 1,
     "netmeld.members": 2,

@@ -133,3 +133,32 @@ def test_statistics_that_do_not_fit_are_clear_errors(digits2):
     own = feature_statistics(moved, _own_data(digits2, moved))
     with pytest.raises(MethodError, match="different trunks"):
         netmeld.meld([a, moved], "ridge", statistics=[sa, own])
+
+
+def test_netmeld_stats_on_the_cli_gives_the_python_statistics(digits2, tmp_path, capsys):
+    from PIL import Image
+
+    from netmeld.cli import main
+
+    folder = netmeld.meld(digits2.members, "concat").save(tmp_path / "m")
+    paths = []
+    for member in digits2.members:
+        x, labels = _own_data(digits2, member)
+        x, labels = x[:30], labels[:30]
+        data = tmp_path / f"data-{member.name}"
+        for i, (image, label) in enumerate(zip(x, labels, strict=True)):
+            (data / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(
+                data / label / f"{i:03d}.png"
+            )
+        out = tmp_path / f"{member.name}.stats"
+        argv = ["stats", str(folder), "--member", member.name, "--data", str(data), "-o", str(out)]
+        assert main(argv) == 0
+        paths.append(out)
+        expected = feature_statistics(member, data)
+        assert torch.equal(FeatureStatistics.load(out).gram, expected.gram)
+    assert main(["stats", str(folder), "--data", str(data), "-o", str(tmp_path / "x.stats")]) == 2
+    assert "has members ['m1', 'm2']; pick one with --member" in capsys.readouterr().err
+    assert not (tmp_path / "x.stats").exists()
+    model = netmeld.meld(digits2.members, "ridge", statistics=paths)
+    assert model.method["fitted"]["examples"] == 60

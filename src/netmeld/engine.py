@@ -13,7 +13,8 @@ Determinism: an epoch's order of examples comes from ``(seed, epoch)``, and the 
 of the step (dropout, augmentation) is re-seeded from ``(seed, epoch, rank)`` at each epoch's
 start; the learning rate is a function of the step number. A resumed run therefore repeats
 exactly what the interrupted one would have done. The caller's random state is left as it was
-(:func:`seeded`: what netmeld builds or draws under a seed never moves the global generator).
+(:func:`netmeld.runtime.seeded`: what netmeld builds or draws under a seed never moves the
+global generator).
 With ``W`` processes, each global batch is split in ``W`` near-equal shares and each share's
 loss is weighted by its size, so the averaged gradient is the one-process gradient of the same
 global batch.
@@ -28,13 +29,12 @@ during the swap left is put right first (:mod:`netmeld._atomic`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from torch import nn
 from netmeld._atomic import make_temp, recover, swap_in
 from netmeld._progress import track
 from netmeld.errors import CheckpointError, DataError, UnderdeterminedFitWarning
+from netmeld.runtime import distributed_world, resolve_device, seed_now, seeded
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[torch.Tensor], Any]
@@ -101,13 +102,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def distributed_world() -> tuple[int, int]:
-    """``(rank, world size)`` under an initialised ``torch.distributed``, else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """The learning rate at ``step`` of ``total`` (linear warm-up, then cosine or constant)."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -130,85 +124,6 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-# -- seeds ----------------------------------------------------------------------------------
-
-
-def _seed_now(seed: int, device: torch.device | None) -> None:
-    """Seed the global CPU generator (and ``device``'s, on GPU) only."""
-    torch.random.default_generator.manual_seed(seed)
-    if device is not None and device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
-    """Run the block on the global generator seeded from ``seed`` (and ``device``'s, on GPU),
-    then give the caller's generator states back: what the block draws (fresh weights, dropout
-    masks) depends on ``seed`` alone, and the caller's random state is not disturbed."""
-    dev = torch.device(device) if device is not None else None
-    devices = []
-    if dev is not None and dev.type == "cuda":
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        _seed_now(seed, dev)
-        yield
-
-
-# -- devices --------------------------------------------------------------------------------
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or ``None``): the GPU when torch sees one, else the CPU. A CUDA device asked
-    for on a machine without one is an error, never a silent fallback."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DataError(
-            f"device {device!r} is not a device; expected auto, cpu, cuda or cuda:N"
-        ) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DataError(
-                f"device {str(device)!r}: torch sees no CUDA GPU on this machine "
-                "(torch.cuda.is_available() is False); use cpu or auto"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DataError(
-                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-    return dev
-
-
-def autocast(dev: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager[Any]:
-    """Reduced-precision inference (``bf16``/``fp16`` autocast) on ``dev``; ``fp32`` runs as
-    it is. What it computes is cast back to float32 by the callers."""
-    if precision not in PRECISIONS:
-        raise DataError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype=PRECISIONS[precision])
-
-
-@contextlib.contextmanager
-def on_device(module: nn.Module, dev: torch.device) -> Iterator[nn.Module]:
-    """Run the block with ``module`` on ``dev``, then put it back where it was."""
-    tensors = [*module.parameters(), *module.buffers()]
-    before = tensors[0].device if tensors else dev
-    if before == dev:
-        yield module
-        return
-    module.to(dev)
-    try:
-        yield module
-    finally:
-        module.to(before)
-
-
 # -- checkpoints ----------------------------------------------------------------------------
 
 # What a resumed run must share with the run that wrote the checkpoint (the other settings say
@@ -225,13 +140,6 @@ RESUME_FIELDS = (
     "warmup_steps",
     "grad_clip",
 )
-
-
-def tensor_digest(digest: Any, t: torch.Tensor) -> None:
-    """Feed ``t``'s dtype, shape and exact bytes into a hashlib ``digest``."""
-    t = t.detach().cpu().contiguous()
-    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _hash_into(digest: Any, obj: Any) -> None:
@@ -491,7 +399,7 @@ class _Loop:
             self.n_examples,
             generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch),
         )
-        _seed_now(config.seed * 1_000_003 + epoch * 7919 + self.rank, self.dev)
+        seed_now(config.seed * 1_000_003 + epoch * 7919 + self.rank, self.dev)
         self.runner.train()
         losses = []
         for i in track(

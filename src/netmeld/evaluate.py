@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from netmeld.data import Stream, open_data
-from netmeld.engine import autocast, on_device, resolve_device
 from netmeld.errors import DataError
 from netmeld.methods._extract import FeatureCache, extract, gather, shard_positions
 from netmeld.model.combined import CombinedModel
+from netmeld.runtime import autocast, on_device, resolve_device
 
 
 @dataclass

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from netmeld.data import open_data
-from netmeld.engine import autocast, on_device, resolve_device
 from netmeld.errors import DataError
 from netmeld.model.combined import CombinedModel
+from netmeld.runtime import autocast, on_device, resolve_device
 
 
 @dataclass

@@ -88,7 +88,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     """The --device, --precision, --workers and --cache-dir a command was given, as keywords
     of the Python functions (checked before anything is read)."""
-    from netmeld.engine import resolve_device
+    from netmeld.runtime import resolve_device
 
     resolve_device(args.device)  # a GPU asked for on a machine without one: say so first
     runtime: dict[str, Any] = {"device": args.device}
@@ -307,16 +307,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     runtime = _runtime(args)
     source = Path(args.member)
-    if source.is_dir():
+    if source.is_dir():  # a saved model folder: its members are loaded with it
+        from netmeld.cli.recipes import pick_member
         from netmeld.model.artifact import load
 
         members = load(source).members
-        names = [m.name for m in members]
-        if args.name is None and len(members) > 1:
-            raise NetmeldError(f"{str(source)!r} has members {names}; pick one with --member")
-        if args.name is not None and args.name not in names:
-            raise NetmeldError(f"{str(source)!r} has no member {args.name!r}; it has {names}")
-        member = members[names.index(args.name) if args.name else 0]
+        member = members[pick_member([m.name for m in members], args.name, repr(str(source)))]
     else:
         from netmeld.cli.recipes import recipe_member
 

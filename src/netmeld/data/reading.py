@@ -98,16 +98,22 @@ def memory_data(
     return result
 
 
-def check_finite(inputs: torch.Tensor, source: str) -> None:
-    """Refuse inputs holding NaN or infinite values, naming the first such input (index)."""
+def check_finite(
+    inputs: torch.Tensor, source: str, positions: torch.Tensor | None = None
+) -> None:
+    """Refuse inputs holding NaN or infinite values, naming the first such input by its index
+    (its entry of ``positions`` for a batch of a larger data set)."""
     if not inputs.is_floating_point() or not len(inputs):
         return
     bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1)
     if bad.any():
         first = int(bad.nonzero()[0])
+        if positions is not None:
+            first = int(positions[first])
         raise DataError(
             f"{source}: input {first} holds NaN or infinite values ({int(bad.sum())} of "
-            f"{len(inputs)} inputs do); a model's answer on them would mean nothing"
+            f"{len(inputs)} inputs{' in its batch' if positions is not None else ''} do); a "
+            "model's answer on them would mean nothing"
         )
 
 

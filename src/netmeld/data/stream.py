@@ -25,21 +25,20 @@ from netmeld._progress import track_items
 from netmeld.data.reading import (
     Data,
     _item_tensor,
+    check_finite,
     item_label,
     memory_data,
     name_files,
     read_image,
     scan_folder,
 )
-from netmeld.engine import tensor_digest
 from netmeld.errors import DataError
+from netmeld.runtime import tensor_digest
 
 
 def default_workers() -> int:
     """Decoding workers for image folders and Datasets: one core is left to the model, at most
-    8 workers (``NETMELD_WORKERS`` overrides)."""
-    if os.environ.get("NETMELD_WORKERS", "").isdigit():
-        return int(os.environ["NETMELD_WORKERS"])
+    8 workers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(0, min(8, (cores or 1) - 1))
 
@@ -154,10 +153,6 @@ class Stream:
     def __len__(self) -> int:
         return self.length
 
-    @property
-    def in_memory(self) -> bool:
-        return self.tensor is not None
-
     def batches(
         self,
         batch_size: int = 256,
@@ -192,7 +187,7 @@ class Stream:
                 raise DataError(f"{self.source}: item {at} has no label but other items have")
             if not self.labeled and self.items is not None and any(labels):
                 raise DataError(f"{self.source}: some items have labels and others do not")
-            _check_finite(inputs, index, self.source)
+            check_finite(inputs, self.source, index)
             yield Batch(inputs, index, labels if self.labeled else None)  # type: ignore[arg-type]
         if self.skipped and self.files is not None:
             warnings.warn(
@@ -253,7 +248,7 @@ class Stream:
                 raise DataError(problem or f"{self.source}: an input could not be read")
         xs = [x for x, _, _ in read]
         out = torch.stack(xs)  # type: ignore[arg-type]
-        _check_finite(out, positions, self.source)
+        check_finite(out, self.source, positions)
         return out
 
     def all_labels(self, progress: bool | None = None) -> list[str]:
@@ -300,18 +295,6 @@ class Stream:
             unknown = sorted(set(self.labels) - set(label_space))
             if unknown:
                 self.label_indices([unknown[0]], label_space)
-
-
-def _check_finite(inputs: torch.Tensor, index: torch.Tensor, source: str) -> None:
-    if not inputs.is_floating_point():
-        return
-    bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1)
-    if bad.any():
-        first = int(index[bad.nonzero()[0]])
-        raise DataError(
-            f"{source}: input {first} holds NaN or infinite values; a model's answer on it "
-            "would mean nothing"
-        )
 
 
 def open_data(

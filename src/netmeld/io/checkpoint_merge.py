@@ -34,11 +34,11 @@ import torch
 from pydantic import Field, field_validator
 
 from netmeld._progress import track
-from netmeld.engine import resolve_device
 from netmeld.errors import IncompatibleMembersError, MethodError, RecipeError
 from netmeld.io.recipe_file import StrictSpec, read_yaml
 from netmeld.io.shards import CheckpointReader, ShardedWriter, parse_size
 from netmeld.ops.merge import KERNELS, check_params, get_kernel, merge_tensor
+from netmeld.runtime import resolve_device
 
 PER_MODEL = ("weight", "density", "gamma")
 _DTYPES = {

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from netmeld.data import load_data
-from netmeld.engine import resolve_device
 from netmeld.errors import DataError, IncompatibleMembersError
 from netmeld.io.checkpoint_merge import check_same_tensors, shapes_of
 from netmeld.members.graph import find_head
 from netmeld.members.member import Member
 from netmeld.model.combined import CombinedModel
 from netmeld.model.inputs import Preprocess
+from netmeld.runtime import resolve_device
 
 
 def check_members(members: Sequence[Member]) -> None:

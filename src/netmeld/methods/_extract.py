@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from netmeld.data import Stream, open_data
-from netmeld.engine import autocast, distributed_world, on_device, resolve_device, tensor_digest
 from netmeld.errors import DataError
 from netmeld.model.combined import CombinedModel
+from netmeld.runtime import autocast, distributed_world, on_device, resolve_device, tensor_digest
 
 
 class Extracted:
@@ -124,9 +124,6 @@ class FeatureCache:
                     "are kept in memory only",
                     stacklevel=3,
                 )
-
-    def clear(self) -> None:
-        self._memory.clear()
 
     def _remember(self, key: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
         size = value[0].numel() * value[0].element_size()

@@ -23,20 +23,13 @@ from torch import nn
 
 from netmeld._progress import track
 from netmeld.data import Stream, open_data
-from netmeld.engine import (
-    TrainConfig,
-    on_device,
-    resolve_config,
-    resolve_device,
-    seeded,
-    small_fit,
-    train,
-)
+from netmeld.engine import TrainConfig, resolve_config, small_fit, train
 from netmeld.errors import DataError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
 from netmeld.model.combined import CombinedModel
 from netmeld.model.inputs import Preprocess
+from netmeld.runtime import on_device, resolve_device, seeded
 
 
 @torch.no_grad()

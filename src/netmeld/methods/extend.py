@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from netmeld.data import Stream, open_data
-from netmeld.engine import on_device, resolve_device, seeded, small_fit
-from netmeld.errors import DataError, LabelError
+from netmeld.engine import small_fit
+from netmeld.errors import DataError, LabelError, MethodError
 from netmeld.model.combined import CombinedModel
 from netmeld.model.heads import Extension
+from netmeld.runtime import on_device, resolve_device, seeded
 
 
 @torch.no_grad()
@@ -197,6 +198,30 @@ def _unlabeled(
     return emb, logits
 
 
+def _record(
+    model: CombinedModel,
+    new_labels: list[str],
+    given: list[str],
+    old_examples: int,
+    unlabeled: int,
+    steps: int,
+    thresholds: list[float],
+) -> None:
+    """Add this extension to the model's method record (one entry per ``extend``)."""
+    history = list(model.method.get("extended", []))
+    history.append(
+        {
+            "labels": new_labels,
+            "examples": {label: given.count(label) for label in new_labels},
+            "old_class_examples": old_examples,
+            "unlabeled": unlabeled,
+            "steps": steps,
+            "thresholds": [round(t, 4) for t in thresholds],
+        }
+    )
+    model.method = {**model.method, "extended": history}
+
+
 def extend(
     model: CombinedModel,
     examples: Any,
@@ -239,7 +264,7 @@ def extend(
             their embeddings, on the CPU.
     """
     if steps < 0 or lr <= 0 or distill < 0 or scale <= 0 or not 0 < max_false_positives < 1:
-        raise ValueError(
+        raise MethodError(
             "extend: steps and distill must be >= 0, lr and scale > 0, max_false_positives "
             "in (0, 1)"
         )
@@ -289,16 +314,6 @@ def extend(
     if not torch.isfinite(ext.weight).all():
         raise DataError("extend: the fit diverged (non-finite weights); lower lr")
     extended.set_extension(ext)
-    history = list(extended.method.get("extended", []))
-    history.append(
-        {
-            "labels": new_labels,
-            "examples": {label: given.count(label) for label in new_labels},
-            "old_class_examples": int((~is_new).sum()),
-            "unlabeled": len(d_emb) - int((~is_new).sum()),
-            "steps": steps,
-            "thresholds": [round(t, 4) for t in thresholds],
-        }
-    )
-    extended.method = {**extended.method, "extended": history}
+    old_examples = int((~is_new).sum())
+    _record(extended, new_labels, given, old_examples, len(d_emb) - old_examples, steps, thresholds)
     return extended.eval()

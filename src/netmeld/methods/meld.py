@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from netmeld.data import open_data
-from netmeld.engine import seeded
+from netmeld.data import Stream, open_data
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._extract import Extracted, FeatureCache, extract
-from netmeld.methods._registry import get_method, list_methods
+from netmeld.methods._registry import MethodInfo, get_method, list_methods
 from netmeld.methods.statistics import FeatureStatistics
 from netmeld.model.combined import CombinedModel
+from netmeld.runtime import seeded
 
 
 def meld(
@@ -69,31 +69,11 @@ def meld(
     if not members:
         raise IncompatibleMembersError("meld needs at least one member")
     model = CombinedModel(members, input_shape=input_shape, feature_names=feature_names)
-    if len(members) > 1:
-        for name, why in model.untraced.items():
-            warnings.warn(
-                f"member {name!r}: torch.fx cannot trace it ({why}); it runs whole, so its "
-                "trunk is not shared with the other members",
-                stacklevel=2,
-            )
-    extracted = None
+    _warn_untraced(model)
+    extracted: Extracted | None = None
     targets = None
-    n_examples = 0
     if info.data == "statistics":
-        if statistics is None:
-            raise MethodError(
-                f"method {method!r} computes a head from member statistics: pass "
-                "statistics=[...] (one netmeld.feature_statistics per member)"
-            )
-        if data is not None:
-            warnings.warn(
-                f"method {method!r} uses statistics; the data given is ignored", stacklevel=2
-            )
-        stats = [
-            s if not isinstance(s, (str, Path)) else FeatureStatistics.load(s) for s in statistics
-        ]
-        extracted = Extracted([], torch.zeros(0, 0), statistics=stats)
-        n_examples = sum(s.examples for s in stats)
+        extracted = _from_statistics(method, statistics, data)
     elif statistics is not None:
         raise MethodError(
             f"method {method!r} does not read statistics; the methods that do: "
@@ -113,31 +93,13 @@ def meld(
             feature_names=model.feature_names,
             skip_unreadable=skip_unreadable,
         )
-        label_space = list(model.labels)
-        if info.data == "labeled" and not info.open_labels:
-            stream.check_labels(label_space)  # before any member runs
-        extracted = extract(
-            model,
-            stream,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            cache=cache,
-            workers=workers,
-            progress=progress,
-        )
-        n_examples = len(extracted)
-        if info.data == "labeled":
-            labels = extracted.labels
-            assert labels is not None
-            if info.open_labels:  # the data's labels: known ones in union order, then new
-                present = set(labels)
-                label_space = [label for label in label_space if label in present] + [
-                    label for label in dict.fromkeys(labels) if label not in label_space
-                ]
-            targets = stream.label_indices(labels, label_space)
-            _check_labeled_data(model, method, labels, stream.source)
-        extracted.label_space = label_space
+        run: dict[str, Any] = {"batch_size": batch_size, "device": device, "cache": cache}
+        run.update(precision=precision, workers=workers, progress=progress)
+        extracted, targets = _from_data(model, info, stream, run)
+    n_examples = 0
+    if extracted is not None:
+        stats = extracted.statistics
+        n_examples = sum(s.examples for s in stats) if stats else len(extracted)
     with seeded(seed):  # the caller's generators (CPU and GPU) are left as they were
         info.fit(model, extracted, targets, checked)
     for name, value in model.state_dict().items():
@@ -155,6 +117,54 @@ def meld(
         "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
     }
     return model.eval()
+
+
+def _warn_untraced(model: CombinedModel) -> None:
+    """Say which members share no trunk because torch.fx cannot trace them."""
+    if len(model.members) > 1:
+        for name, why in model.untraced.items():
+            warnings.warn(
+                f"member {name!r}: torch.fx cannot trace it ({why}); it runs whole, so its "
+                "trunk is not shared with the other members",
+                stacklevel=3,
+            )
+
+
+def _from_statistics(method: str, statistics: Sequence[Any] | None, data: Any) -> Extracted:
+    """What a method from statistics fits on: the members' statistics (files are read)."""
+    if statistics is None:
+        raise MethodError(
+            f"method {method!r} computes a head from member statistics: pass "
+            "statistics=[...] (one netmeld.feature_statistics per member)"
+        )
+    if data is not None:
+        warnings.warn(f"method {method!r} uses statistics; the data given is ignored", stacklevel=3)
+    stats = [s if not isinstance(s, (str, Path)) else FeatureStatistics.load(s) for s in statistics]
+    return Extracted([], torch.zeros(0, 0), statistics=stats)
+
+
+def _from_data(
+    model: CombinedModel, info: MethodInfo, stream: Stream, run: dict[str, Any]
+) -> tuple[Extracted, torch.Tensor | None]:
+    """The members' head inputs over ``stream`` (``run``: how :func:`extract` runs them) and,
+    for a labeled method, the targets in its label space."""
+    label_space = list(model.labels)
+    if info.data == "labeled" and not info.open_labels:
+        stream.check_labels(label_space)  # before any member runs
+    extracted = extract(model, stream, **run)
+    targets = None
+    if info.data == "labeled":
+        labels = extracted.labels
+        assert labels is not None
+        if info.open_labels:  # the data's labels: known ones in union order, then new
+            present = set(labels)
+            label_space = [label for label in label_space if label in present] + [
+                label for label in dict.fromkeys(labels) if label not in label_space
+            ]
+        targets = stream.label_indices(labels, label_space)
+        _check_labeled_data(model, info.name, labels, stream.source)
+    extracted.label_space = label_space
+    return extracted, targets
 
 
 def _check_labeled_data(model: CombinedModel, method: str, labels: list[str], source: str) -> None:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmeld._progress import track
-from netmeld.engine import on_device, resolve_device
 from netmeld.errors import DataError, IncompatibleMembersError, MethodError
 from netmeld.io.checkpoint_merge import merge_state_dicts
 from netmeld.members.checkpoint import read_state_dict
@@ -40,6 +39,7 @@ from netmeld.methods.zipit import zip_layers, zip_members
 from netmeld.model.combined import CombinedModel
 from netmeld.ops.matching import activation_matching, weight_matching
 from netmeld.ops.merge import Kernel, get_kernel
+from netmeld.runtime import on_device, resolve_device
 
 __all__ = [
     "body_similarity",

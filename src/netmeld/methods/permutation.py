@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from netmeld.engine import on_device, resolve_device
 from netmeld.errors import IncompatibleMembersError
 from netmeld.methods._permutation_spec import PermutationSpec, permutation_spec
 from netmeld.ops.matching import (
@@ -25,6 +24,7 @@ from netmeld.ops.matching import (
     permute_tensor,
     weight_matching,
 )
+from netmeld.runtime import on_device, resolve_device
 
 __all__ = [
     "Alignment",
@@ -87,7 +87,7 @@ Device = str | torch.device | None
 
 def _device(model: nn.Module, device: Device) -> torch.device:
     """Where ``model`` runs over data: ``device`` resolved (see
-    :func:`netmeld.engine.resolve_device`), or ``None``: where its tensors already are."""
+    :func:`netmeld.runtime.resolve_device`), or ``None``: where its tensors already are."""
     if device is not None:
         return resolve_device(device)
     first = next(iter([*model.parameters(), *model.buffers()]), None)

@@ -28,7 +28,6 @@ from pydantic import Field
 
 from netmeld._version import __version__
 from netmeld.data import open_data
-from netmeld.engine import autocast, on_device, resolve_device
 from netmeld.errors import DataError, MethodError, ModelFileError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Member
@@ -36,6 +35,7 @@ from netmeld.methods._extract import Extracted
 from netmeld.methods._registry import MethodParams, register_method
 from netmeld.model.combined import CombinedModel
 from netmeld.model.heads import StatisticsHead, random_features
+from netmeld.runtime import autocast, on_device, resolve_device
 
 FORMAT = "netmeld-statistics"
 FORMAT_VERSION = 1

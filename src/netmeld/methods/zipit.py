@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from netmeld.engine import resolve_device
 from netmeld.errors import IncompatibleMembersError, MethodError
 from netmeld.members.member import Member
 from netmeld.methods._bodies import body_states, check_members, prepared, rebuild, union_of
@@ -26,6 +25,7 @@ from netmeld.methods.permutation import (
 )
 from netmeld.model.combined import CombinedModel
 from netmeld.ops.matching import zip_matching
+from netmeld.runtime import resolve_device
 
 # per group: the merge matrix (n_out, 2n) and the unmerge matrix (2n, n_out)
 Mats = Mapping[str, tuple[torch.Tensor, torch.Tensor]]

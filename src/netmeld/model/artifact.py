@@ -28,7 +28,7 @@ from netmeld.errors import (
 from netmeld.io.checkpoint_merge import diff_tensors
 from netmeld.io.recipe_file import StrictSpec
 from netmeld.io.shards import CODES, CheckpointReader, TensorInfo
-from netmeld.members.graph import Group
+from netmeld.members.graph import CapturedBody, Group
 from netmeld.members.member import MAX_INPUT_NUMBERS, Architecture, Member, Preprocessing
 from netmeld.members.trust import reading_files
 from netmeld.model.combined import (
@@ -266,7 +266,31 @@ def _load(path: Path) -> CombinedModel:
         for key, value in expected.items():
             value.copy_(tensors[key])
     model.method = dict(config.method)
+    _restore_members(model)
     return model.eval()
+
+
+@torch.no_grad()
+def _restore_members(model: CombinedModel) -> None:
+    """Give each member's own module its saved body. The folder holds a shared trunk once, in
+    the combined model's parts; a member rebuilt from its architecture has fresh weights where
+    it does not share them with those parts (all of its body, for members after the first of
+    a group), and what reads ``model.members`` (a student started from a member's body, the
+    statistics of a member's features) must see the trained ones. The members' own heads are
+    not in the folder (the model's heads are what the method fitted); theirs stay as built."""
+    for member in model.members:
+        name = member.name
+        trunk = model.trunks[str(model.group_of[name])]
+        prefix = "model." if isinstance(trunk, CapturedBody) else ""  # it wraps the module
+        parts = {
+            **{k.removeprefix(prefix): v for k, v in trunk.state_dict().items()},
+            **model.necks[name].state_dict(),
+        }
+        head = model.head_names[name] + "."
+        for key, target in member.module.state_dict().items():
+            source = parts.get(key)
+            if not key.startswith(head) and source is not None and source.shape == target.shape:
+                target.copy_(source)
 
 
 def _check_tensors(

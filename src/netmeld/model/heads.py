@@ -289,11 +289,9 @@ class StatisticsHead(Combiner):
         _set_value(self.linear.weight, weight)
         _set_value(self.linear.bias, bias)
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        return z if self.width is None else torch.relu(z @ self.projection)
-
     def forward(self, out: MemberOutputs, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(out.features[0]))
+        z = out.features[0]  # the members share it: one trunk
+        return self.linear(z if self.width is None else torch.relu(z @ self.projection))
 
     def as_linear(self) -> nn.Linear:
         """The head as one ``nn.Linear`` over the shared trunk's features (no projection)."""

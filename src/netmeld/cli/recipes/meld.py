@@ -294,16 +294,24 @@ def run_recipe(
         return _run_recipe(path, progress=progress, runtime=runtime)
 
 
+def pick_member(names: list[str], name: str | None, where: str) -> int:
+    """The position of member ``name`` among ``names`` (the only one when ``name`` is
+    ``None``); several to choose from, or an unknown name, is an error naming them."""
+    if name is None and len(names) > 1:
+        raise RecipeError(f"{where} has members {names}; pick one with --member")
+    if name is not None and name not in names:
+        raise RecipeError(f"{where} has no member {name!r}; it has {names}")
+    return names.index(name) if name else 0
+
+
 def recipe_member(path: str | Path, name: str | None, *, trust_code: bool = False) -> Member:
-    """One member of a recipe (by ``name``; the only one when ``name`` is ``None``)."""
+    """One member of a recipe (by ``name``; the only one when ``name`` is ``None``); only that
+    member's checkpoint is read."""
     with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
         recipe, base = read_recipe(path)
         names = [m.name or Path(m.checkpoint).stem for m in recipe.members]
-        if name is None and len(names) > 1:
-            raise RecipeError(f"recipe {str(path)!r} has members {names}; pick one with --member")
-        if name is not None and name not in names:
-            raise RecipeError(f"recipe {str(path)!r} has no member {name!r}; it has {names}")
-        return load_member(recipe.members[names.index(name) if name else 0], base)
+        at = pick_member(names, name, f"recipe {str(path)!r}")
+        return load_member(recipe.members[at], base)
 
 
 def _run_recipe(

@@ -188,7 +188,7 @@ def read_distill_recipe(path: str | Path) -> tuple[DistillRecipe, Path]:
 
 def _seeded_build(arch: Any, num_classes: int, seed: int) -> Any:
     """A fresh student from ``seed``: two runs of one recipe start from the same weights."""
-    from netmeld.engine import seeded
+    from netmeld.runtime import seeded
 
     with seeded(seed):
         return arch.build(num_classes=num_classes)

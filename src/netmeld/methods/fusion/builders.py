@@ -6,7 +6,6 @@ from typing import Literal
 
 from torch import nn
 
-from netmeld.engine import seeded
 from netmeld.errors import IncompatibleMembersError, LabelError, MemberError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Architecture, Member
@@ -28,6 +27,7 @@ from netmeld.methods.fusion.parts import (
     adapter,
 )
 from netmeld.model.combined import CombinedModel
+from netmeld.runtime import seeded
 
 # -- builders ---------------------------------------------------------------------------------
 
