@@ -39,8 +39,8 @@ def test_a_folder_saved_by_0_1_0_loads_with_the_same_outputs(name):
     assert config["format_version"] == 1
     probe = load_file(str(ROOT / name / "probe.safetensors"))
     model = netmeld.load(ROOT / name)
-    with torch.no_grad():
-        torch.testing.assert_close(model(probe["input"]), probe["output"], atol=1e-6, rtol=0)
+    with torch.no_grad():  # float32 rounding: the CPU's matmul kernels differ between machines
+        torch.testing.assert_close(model(probe["input"]), probe["output"], atol=1e-5, rtol=1e-5)
 
 
 def test_an_unknown_format_version_is_refused(tmp_path):

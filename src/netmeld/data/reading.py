@@ -98,9 +98,7 @@ def memory_data(
     return result
 
 
-def check_finite(
-    inputs: torch.Tensor, source: str, positions: torch.Tensor | None = None
-) -> None:
+def check_finite(inputs: torch.Tensor, source: str, positions: torch.Tensor | None = None) -> None:
     """Refuse inputs holding NaN or infinite values, naming the first such input by its index
     (its entry of ``positions`` for a batch of a larger data set)."""
     if not inputs.is_floating_point() or not len(inputs):
