@@ -77,6 +77,27 @@ def test_recipe_melds_the_same_model_as_the_python_api(workspace, digits2, tmp_p
         torch.testing.assert_close(via_cli(x), via_api(x))
 
 
+def test_a_semi_supervised_recipe_reads_labels_and_unlabeled_images(workspace, tmp_path):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe.update(method="semi", data="test", unlabeled="unlabeled")
+    (workspace / "semi.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["meld", str(workspace / "semi.yaml"), "-o", str(tmp_path / "semi")]) == 0
+    model = netmeld.load(tmp_path / "semi")
+    assert model.method["name"] == "semi"
+    assert model.method["fitted"] == {"labeled": 120, "unlabeled": 200}
+
+
+def test_a_recipe_giving_unlabeled_images_to_a_method_that_reads_none_fails(
+    workspace, tmp_path, capsys
+):
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    recipe["unlabeled"] = "unlabeled"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["meld", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "method 'infomax' reads no 'unlabeled' data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_inspect_reports_the_shared_trunk(workspace, capsys):
     assert main(["inspect", str(workspace / "recipe.yaml"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

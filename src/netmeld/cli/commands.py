@@ -57,7 +57,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         (
             (
                 i.name,
-                i.data,
+                i.data + (" + unlabeled" if i.unlabeled else ""),
                 i.summary,
                 params({k: v.default for k, v in i.params.model_fields.items()}),
             )

@@ -43,9 +43,14 @@ def method_data(scenario: Scenario, method: str, *, seed: int = 0) -> Any:
 
 def method_inputs(scenario: Scenario, method: str, *, seed: int = 0) -> dict[str, Any]:
     """What ``meld`` gets for ``method`` in the demo, tests and benchmarks: ``data`` (see
-    :func:`method_data`), and for the methods from statistics each member's ``statistics`` on
-    its own training rows of the pool (the rows of its labels), from the pool's features."""
-    if get_method(method).data != "statistics":
+    :func:`method_data`) and, for a semi-supervised method, ``unlabeled`` (the pool's first
+    images); for the methods from statistics each member's ``statistics`` on its own training
+    rows of the pool (the rows of its labels), from the pool's features."""
+    info = get_method(method)
+    if info.unlabeled:  # a few labels and the unlabeled pool
+        data = method_data(scenario, method, seed=seed)
+        return {"data": data, "unlabeled": scenario.pool[:UNLABELED]}
+    if info.data != "statistics":
         return {"data": method_data(scenario, method, seed=seed)}
     from netmeld.methods.statistics import feature_statistics, statistics_from_features
 
@@ -64,7 +69,8 @@ def union_methods() -> list[str]:
     """The registered methods of the union-of-labels family (netmeld.methods.union)."""
     from netmeld.methods import method_infos
 
-    return [info.name for info in method_infos() if info.fit.__module__ == "netmeld.methods.union"]
+    family = ("netmeld.methods.union", "netmeld.methods.semi")
+    return [info.name for info in method_infos() if info.fit.__module__ in family]
 
 
 def leaderboard(
@@ -81,7 +87,7 @@ def leaderboard(
         model = meld(
             scenario.members,
             method,
-            method_data(scenario, method, seed=seed),
+            **method_inputs(scenario, method, seed=seed),
             seed=seed,
             progress=False,
         )

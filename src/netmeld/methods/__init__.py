@@ -1,7 +1,7 @@
 """Combination methods, registered by name. Each family lives in its own module."""
 
 # registers the methods, in the order `netmeld methods` lists them
-from netmeld.methods import union  # noqa: F401, I001
+from netmeld.methods import union, semi  # noqa: F401, I001
 from netmeld.methods import ensemble, fusion, statistics, transfer  # noqa: F401
 from netmeld.methods._registry import (
     MethodInfo,

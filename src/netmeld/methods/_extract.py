@@ -52,6 +52,7 @@ class Extracted:
         self.stream = stream
         self._inputs = inputs
         self.label_space = label_space  # the labels targets index (open-label methods)
+        self.unlabeled: Extracted | None = None  # unlabeled inputs' (semi-supervised methods)
 
     def __len__(self) -> int:
         return len(self.router_input)
@@ -68,8 +69,9 @@ class Extracted:
         self._inputs = value
 
     def subset(self, rows: torch.Tensor) -> Extracted:
-        """The examples at ``rows`` (raw inputs still read only when asked for)."""
-        return Extracted(
+        """The examples at ``rows`` (raw inputs still read only when asked for; the unlabeled
+        inputs of a semi-supervised fit are kept whole)."""
+        part = Extracted(
             [f[rows] for f in self.features],
             self.router_input[rows],
             labels=None if self.labels is None else [self.labels[int(r)] for r in rows],
@@ -78,6 +80,8 @@ class Extracted:
             inputs=None if self._inputs is None else self._inputs[rows],
             label_space=self.label_space,
         )
+        part.unlabeled = self.unlabeled  # a semi-supervised fit keeps its whole pool
+        return part
 
 
 class FeatureCache:

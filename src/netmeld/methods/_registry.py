@@ -40,6 +40,7 @@ class MethodInfo:
     params: type[MethodParams]
     fit: FitFn
     open_labels: bool = False  # the data's labels may include labels no member knows
+    unlabeled: bool = False  # a labeled method that also reads unlabeled inputs (semi-supervised)
 
     def validate_params(self, params: dict[str, Any] | None) -> MethodParams:
         try:
@@ -65,13 +66,16 @@ def register_method(
     params: type[MethodParams] = MethodParams,
     reference: str = "",
     open_labels: bool = False,
+    unlabeled: bool = False,
 ) -> Callable[[FitFn], FitFn]:
     """Register ``fit(model, extracted, targets, params)`` under ``name``.
 
     A clash with a registered name or a malformed name (lowercase words joined by ``-``) is an
     error. The function's docstring's first line is the method's summary. With
     ``open_labels`` the labeled data may hold labels no member knows; the fit then reads the
-    label space from ``extracted.label_space``.
+    label space from ``extracted.label_space``. With ``unlabeled`` (a labeled method only) the
+    method also reads unlabeled inputs, given to :func:`~netmeld.meld` as ``unlabeled=``; their
+    head inputs are ``extracted.unlabeled``.
     """
     if not _NAME.match(name):
         raise MethodError(f"method name {name!r}: use lowercase words joined by '-'")
@@ -79,12 +83,16 @@ def register_method(
         raise MethodError(
             f"method {name!r}: data must be 'none', 'statistics', 'unlabeled' or 'labeled'"
         )
+    if unlabeled and data != "labeled":
+        raise MethodError(f"method {name!r}: only a labeled method can also read unlabeled data")
 
     def decorate(fn: FitFn) -> FitFn:
         if name in _REGISTRY:
             raise MethodError(f"method {name!r} is registered already")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodInfo(name, data, summary, reference, params, fn, open_labels)
+        _REGISTRY[name] = MethodInfo(
+            name, data, summary, reference, params, fn, open_labels, unlabeled
+        )
         return fn
 
     return decorate

@@ -29,6 +29,7 @@ def meld(
     feature_names: Sequence[str] | None = None,
     seed: int = 0,
     statistics: Sequence[Any] | None = None,
+    unlabeled: Any = None,
     device: str | torch.device | None = "auto",
     precision: str = "fp32",
     cache: bool | str | Path | FeatureCache | None = True,
@@ -53,6 +54,8 @@ def meld(
         seed: seeds every random choice of the fit.
         statistics: for the methods from statistics (``ridge``, ``lda``): one
             :class:`~netmeld.FeatureStatistics` (or its file) per member, in member order.
+        unlabeled: for the semi-supervised methods (labeled ``data`` plus unlabeled inputs,
+            e.g. ``semi``): the unlabeled inputs, in any form ``data`` takes.
         device: where the members run over the data (``auto``: the GPU when there is one);
             the fits themselves run on the members' head inputs, on the CPU.
         precision: ``fp32``, or ``bf16``/``fp16`` autocast for running the members.
@@ -65,6 +68,11 @@ def meld(
     """
     info = get_method(method)
     checked = info.validate_params(params)
+    if unlabeled is not None and not info.unlabeled:
+        raise MethodError(
+            f"method {method!r} reads no separate unlabeled data; the methods that do: "
+            f"{', '.join(n for n in list_methods() if get_method(n).unlabeled)}"
+        )
     members = list(members)
     if not members:
         raise IncompatibleMembersError("meld needs at least one member")
@@ -96,10 +104,14 @@ def meld(
         run: dict[str, Any] = {"batch_size": batch_size, "device": device, "cache": cache}
         run.update(precision=precision, workers=workers, progress=progress)
         extracted, targets = _from_data(model, info, stream, run)
+        if unlabeled is not None:
+            extracted.unlabeled = _unlabeled(model, info, unlabeled, run, skip_unreadable)
     n_examples = 0
     if extracted is not None:
         stats = extracted.statistics
         n_examples = sum(s.examples for s in stats) if stats else len(extracted)
+        if extracted.unlabeled is not None:
+            n_examples += len(extracted.unlabeled)
     with seeded(seed):  # the caller's generators (CPU and GPU) are left as they were
         info.fit(model, extracted, targets, checked)
     for name, value in model.state_dict().items():
@@ -117,6 +129,21 @@ def meld(
         "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
     }
     return model.eval()
+
+
+def _unlabeled(
+    model: CombinedModel, info: MethodInfo, data: Any, run: dict[str, Any], skip: bool
+) -> Extracted:
+    """The members' head inputs over a semi-supervised method's unlabeled inputs."""
+    stream = open_data(
+        data,
+        model.input_shape,
+        require_labels=False,
+        what=f"unlabeled data for method {info.name!r}",
+        feature_names=model.feature_names,
+        skip_unreadable=skip,
+    )
+    return extract(model, stream, **run)
 
 
 def _warn_untraced(model: CombinedModel) -> None:

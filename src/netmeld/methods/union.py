@@ -9,8 +9,10 @@ method                 data       what it fits
 =====================  =========  ==============================================================
 ``concat``             none       nothing: the naive "concatenate the heads" baseline
 ``weight-norm``        none       per-member scale equalising the heads' mean row norms (WA)
+``max-logit``          none       weight-norm; members weighed by their largest logit, not energy
 ``bn-standardize``     none       per-member scale from the logits' spread under BatchNorm stats
 ``infomax``            unlabeled  a router gate fitted to maximise the union's mutual information
+``semi``               both       the infomax gate fitted to a few labels too (:mod:`.semi`)
 ``calibrate``          labeled    per-member scale, offset and per-class bias (cross-entropy)
 ``finetune``           labeled    all heads fine-tuned jointly, anchored to their start
 ``router``             labeled    a gate choosing the member, on the members' features
@@ -88,6 +90,24 @@ def fit_weight_norm(
 ) -> None:
     """Scale each member's logits so that its head's mean row norm equals the average."""
     model.union.set_calibration(scale=_norm_scales(model))
+
+
+@register_method(
+    "max-logit",
+    data="none",
+    reference="the max-logit task score for choosing the member (Hendrycks et al. 2022; as a "
+    "task-prediction baseline in TPL, Lin et al., ICLR 2024), on weight-aligned heads",
+)
+def fit_max_logit(
+    model: CombinedModel,
+    extracted: Extracted | None,
+    targets: torch.Tensor | None,
+    params: MethodParams,
+) -> None:
+    """Weight-aligned heads; each member's share is the softmax of the members' largest logits."""
+    center_heads(model)
+    model.union.set_calibration(scale=_norm_scales(model))
+    model.union.task_score = "max-logit"
 
 
 def fit_center_norm(model: CombinedModel, extracted: Extracted | None = None) -> None:
@@ -181,10 +201,7 @@ def fit_infomax(
     pseudo: torch.Tensor | None = None
 
     def loss_fn(out: torch.Tensor) -> torch.Tensor:
-        p = out.softmax(dim=1)
-        cond = -(p * torch.log(p + 1e-12)).sum(1).mean()
-        marg = p.mean(0)
-        loss = cond + params.diversity * (marg * torch.log(marg + 1e-12)).sum()
+        loss = information_loss(out, params.diversity)
         if pseudo is not None:
             loss = loss + params.pseudo_labels * F.cross_entropy(out, pseudo)
         return loss
@@ -211,6 +228,14 @@ def fit_infomax(
             anchor=params.anchor,
             start=start,
         )
+
+
+def information_loss(out: torch.Tensor, diversity: float) -> torch.Tensor:
+    """Mean conditional entropy minus ``diversity`` times the marginal entropy (SHOT's IM)."""
+    p = out.softmax(dim=1)
+    cond = -(p * torch.log(p + 1e-12)).sum(1).mean()
+    marg = p.mean(0)
+    return cond + diversity * (marg * torch.log(marg + 1e-12)).sum()
 
 
 @torch.no_grad()

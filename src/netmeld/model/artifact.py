@@ -89,6 +89,7 @@ class _GroupEntry(StrictSpec):
 class _UnionEntry(StrictSpec):
     router_dim: int | None = Field(default=None, gt=0)
     router_source: Literal["features", "input"] = "features"
+    task_score: Literal["energy", "max-logit"] = "energy"
     scale: list[float] = Field(default_factory=list)
     offset: list[float] = Field(default_factory=list)
 
@@ -242,6 +243,7 @@ def _load(path: Path) -> CombinedModel:
         raise ModelFileError(f"{where}: {exc}") from exc
     if config.union.router_dim is not None:
         model.union.add_router(config.union.router_dim, config.union.router_source)
+    model.union.task_score = config.union.task_score
     if config.combiner is not None:
         model.set_combiner(
             combiner_from_config(

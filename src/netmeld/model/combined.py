@@ -81,6 +81,10 @@ class UnionHead(nn.Module):
         self.register_buffer("mask", mask.clone())
         self.router: nn.Linear | None = None
         self.router_source = "features"
+        # without a router, how much each member answers: by "energy", the logsumexp of its
+        # calibrated logits (the plain union softmax), or by "max-logit", the largest one;
+        # within a member, its own softmax
+        self.task_score = "energy"
         if router_dim is not None:
             self.add_router(router_dim)
 
@@ -144,6 +148,14 @@ class UnionHead(nn.Module):
         parts = [z * self.scale[i] for i, z in enumerate(logits)]
         scores = torch.cat(parts, dim=1) + self.class_bias
         chunks = torch.split(scores, list(self.member_sizes), dim=1)
+        if self.router is None and self.task_score == "max-logit":
+            return torch.cat(
+                [
+                    F.log_softmax(c, dim=1) + c.max(dim=1, keepdim=True).values + self.offset[i]
+                    for i, c in enumerate(chunks)
+                ],
+                dim=1,
+            )
         if self.router is None:
             return torch.cat([c + self.offset[i] for i, c in enumerate(chunks)], dim=1)
         if router_input is None:
@@ -528,6 +540,7 @@ class CombinedModel(nn.Module):
             "union": {
                 "router_dim": self.union.router_dim,
                 "router_source": self.union.router_source,
+                "task_score": self.union.task_score,
                 "scale": self.union.scale.tolist(),
                 "offset": self.union.offset.tolist(),
             },

@@ -187,6 +187,11 @@ class Recipe(StrictSpec):
         description="a folder of images (one subfolder per label, or unlabeled images) or a "
         "`.csv` table with a `label` column; required by methods that need data",
     )
+    unlabeled: str | None = Field(
+        default=None,
+        description="a folder of unlabeled images or a `.csv` table, read beside `data` by the "
+        "semi-supervised methods (`semi`)",
+    )
     input_shape: tuple[int, ...] | None = Field(
         default=None,
         description="the combined model's input shape; each member's input is resized to its "
@@ -227,6 +232,11 @@ class Recipe(StrictSpec):
         elif info.data != "none" and self.data is None:
             raise MethodError(
                 f"method {self.method!r} needs {info.data} data: add 'data: FOLDER' to the recipe"
+            )
+        if self.unlabeled is not None and not info.unlabeled:
+            raise MethodError(
+                f"method {self.method!r} reads no 'unlabeled' data; remove it or use a "
+                "semi-supervised method"
             )
         names = [m.name or Path(m.checkpoint).stem for m in self.members]
         for i, name in enumerate(names):
@@ -350,11 +360,13 @@ def _run_recipe(
     statistics = None
     if get_method(recipe.method).data == "statistics":
         statistics = [resolve_path(base, m.statistics) for m in recipe.members if m.statistics]
+    unlabeled = None if recipe.unlabeled is None else resolve_path(base, recipe.unlabeled)
     return meld(
         members,
         recipe.method,
         data,
         statistics=statistics,
+        unlabeled=unlabeled,
         params=recipe.params,
         input_shape=recipe.input_shape,
         feature_names=recipe.feature_names,
