@@ -12,6 +12,7 @@ from netmeld.data import Data, load_data, open_data
 from netmeld.errors import (
     CheckpointError,
     DataError,
+    ExportError,
     IncompatibleMembersError,
     LabelError,
     MemberError,
@@ -57,6 +58,7 @@ __all__ = [
     "CombinedModel",
     "Data",
     "DataError",
+    "ExportError",
     "FeatureCache",
     "FeatureStatistics",
     "IncompatibleMembersError",

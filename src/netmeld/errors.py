@@ -44,6 +44,10 @@ class RecipeError(NetmeldError, ValueError):
     """A YAML recipe is malformed."""
 
 
+class ExportError(NetmeldError, ValueError):
+    """A combined model cannot be written in the format asked for (it says why)."""
+
+
 class UntrustedCodeError(NetmeldError, PermissionError):
     """A saved folder or a recipe names a builder netmeld does not trust to run."""
 

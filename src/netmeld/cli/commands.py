@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from netmeld.errors import NetmeldError
+from netmeld.errors import ExportError, NetmeldError
 
 console = Console(width=120)
 
@@ -183,11 +183,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from netmeld.members.bridges import export_onnx
-    from netmeld.model.artifact import load
+    from netmeld.model.artifact import export, load
 
+    if args.onnx is not None and args.output is not None:
+        raise ExportError("give the output once: --onnx OUT or -o OUT, not both")
+    out = args.onnx or args.output
+    if out is None:
+        raise ExportError("export needs -o OUT (or --onnx OUT.onnx)")
+    fmt = "onnx" if args.onnx is not None else args.format
     model = load(args.model)
-    diff = export_onnx(model, args.onnx, opset=args.opset, overwrite=args.overwrite)
+    options: dict[str, Any] = {"overwrite": args.overwrite}
+    if fmt == "onnx":
+        options["opset"] = args.opset
+    diff = export(model, out, format=fmt, **options)
+    if fmt != "onnx":
+        console.print(
+            f"exported {args.model} ({len(model.labels)} labels) as a plain {fmt} checkpoint "
+            f"to [bold]{out}[/bold]; its logits match netmeld's within {diff:.1e}"
+        )
+        return 0
     checked = (
         f"; onnxruntime matches PyTorch within {diff:.1e}"
         if diff is not None
@@ -195,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     console.print(
         f"exported {args.model} ({len(model.labels)} labels, dynamic batch, opset {args.opset}) "
-        f"to [bold]{args.onnx}[/bold]{checked}"
+        f"to [bold]{out}[/bold]{checked}"
     )
     return 0
 

@@ -30,7 +30,8 @@ def inspect(
     architecture_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per member of ``items`` (each a :class:`Member`, a :class:`CombinedModel`, a
-    saved model folder, a meld recipe ``.yaml``, or a checkpoint when ``architecture`` names
+    saved model folder, a meld recipe ``.yaml``, a transformers ``save_pretrained`` folder, or
+    a checkpoint when ``architecture`` names
     how to build it): ``member``, ``labels``, ``group``, ``shared_with``,
     ``trunk_parameters``, ``own_parameters``, ``head``, ``head_parameters``, ``diverges_at``
     (the first layer the member does not share), ``traced`` and ``total_parameters``."""
@@ -65,6 +66,8 @@ def _inspect_members(
         p = Path(item)
         if p.is_dir() and (p / CONFIG_FILE).is_file():
             members.extend(load(p).members)
+        elif p.is_dir() and (p / "config.json").is_file():  # a transformers folder
+            members.append(Member.from_pretrained(p, name=_unique(p.resolve().name, members)))
         elif p.suffix in (".yaml", ".yml"):
             with reading_files(f"recipe {str(p)!r}"):
                 recipe, base = read_recipe(p)
@@ -72,8 +75,9 @@ def _inspect_members(
         else:
             if arch is None:
                 raise MemberError(
-                    f"{item!r}: give a recipe (.yaml), a netmeld model folder, or a checkpoint "
-                    "with architecture= (--arch in the CLI)"
+                    f"{item!r}: give a recipe (.yaml), a netmeld model folder, a transformers "
+                    "folder (save_pretrained), or a checkpoint with architecture= (--arch in "
+                    "the CLI)"
                 )
             tensors = read_state_dict(p)
             num = _num_outputs(arch, arch_kwargs, tensors, str(item))

@@ -195,17 +195,34 @@ def _train(sub: Any) -> None:
 def _export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="export a saved combined model to ONNX",
-        description="Write MODEL (a netmeld model folder) as ONNX with a dynamic batch size, "
-        "then run it with onnxruntime on random inputs and compare with PyTorch (an error "
-        "above 1e-4).",
+        help="export a saved combined model to ONNX, transformers, torchvision or timm",
+        description="Write MODEL (a netmeld model folder) in a format that loads without "
+        "netmeld. onnx: any combined model, dynamic batch, run with onnxruntime on random "
+        "inputs and compared with PyTorch (an error above 1e-4). transformers / torchvision / "
+        "timm: a plain checkpoint folder (weights, the union's labels, the members' "
+        "preprocessor or tokenizer files) when the model is one shared trunk plus a linear "
+        "head over the union (concat, weight-norm, calibrate, ridge, lda, ...); otherwise the "
+        "error says why. Every export is checked against netmeld's logits.",
     )
     p.add_argument("model", help="a netmeld model folder (netmeld.json + model.safetensors)")
-    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "transformers", "torchvision", "timm"],
+        default="onnx",
+        help="what to write (default: %(default)s)",
+    )
+    p.add_argument(
+        "-o", "--output", metavar="OUT", help="the file (onnx) or folder (the others) to write"
+    )
+    p.add_argument(
+        "--onnx", metavar="OUT.onnx", help="the ONNX file to write (the same as --format onnx -o)"
+    )
     p.add_argument(
         "--opset", type=POSITIVE_INT, default=17, help="ONNX opset (default: %(default)s)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if netmeld wrote it before"
+    )
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_export)
 

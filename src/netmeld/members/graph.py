@@ -123,8 +123,11 @@ class _Tracer(fx.Tracer):
         self.head_name = head_name
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name == self.head_name or super().is_leaf_module(
-            m, module_qualified_name
+        # a module marked netmeld_leaf (a transformers backbone) is one operation
+        return (
+            module_qualified_name == self.head_name
+            or getattr(m, "netmeld_leaf", False) is True
+            or super().is_leaf_module(m, module_qualified_name)
         )
 
 

@@ -459,6 +459,25 @@ class Member:
         )
 
     @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        labels: Sequence[str] | str | Path | None = None,
+        *,
+        name: str | None = None,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    ) -> Member:
+        """A member from a transformers classifier saved with ``save_pretrained`` (offline).
+
+        Labels come from ``config.id2label`` (transformers' default ``LABEL_0``... names are a
+        warning: pass ``labels``); preprocessing from ``preprocessor_config.json``. The folder
+        is checked first (see :mod:`netmeld.io.hf`): custom code and pickled weights are refused.
+        """
+        from netmeld.members.pretrained import read_pretrained
+
+        return read_pretrained(cls, path, labels, name=name, preprocessing=preprocessing)
+
+    @classmethod
     def from_timm(
         cls,
         model: nn.Module,

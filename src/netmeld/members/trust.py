@@ -7,7 +7,7 @@ file is read (:func:`reading_files`), only these builders run:
 
 - torchvision and timm models by their registered names;
 - netmeld's own builders (:data:`NETMELD_BUILDERS`: the zoo, the Keras/ONNX wrappers, the fused
-  networks);
+  networks, transformers' own classifier classes from a config that names no custom code);
 - builders the user registered in their own process with :func:`trust_builder`.
 
 Anything else is refused before its module is imported, unless the caller passed
@@ -37,6 +37,7 @@ NETMELD_BUILDERS: frozenset[str] = frozenset(
         "netmeld.members.bridges:keras_classifier",
         "netmeld.members.bridges:onnx_module",
         "netmeld.methods.fusion.parts:build",
+        "netmeld.io.hf:hf_classifier",
     }
 )
 NAMED_SOURCES = ("torchvision", "timm")  # builders looked up in the library's own registry

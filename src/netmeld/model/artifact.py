@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 from netmeld.errors import (
     CheckpointError,
     DataError,
+    ExportError,
     IncompatibleMembersError,
     LabelError,
     MemberError,
@@ -332,18 +333,22 @@ def _check_values(weights_path: Path, key: str, value: torch.Tensor) -> None:
         raise ModelFileError(f"{str(weights_path)!r}: tensor {key!r} has negative variances")
 
 
-EXPORT_FORMATS = ("onnx",)
-
-
 def export(
     model: CombinedModel, path: str | Path, *, format: str = "onnx", **options: Any
 ) -> float | None:
     """Write ``model`` in a standard format anyone can open without netmeld (``netmeld
     export``). ``onnx``: opset 17, dynamic batch, checked against PyTorch with onnxruntime;
     ``options`` are :func:`netmeld.members.bridges.export_onnx`'s (``opset``, ``overwrite``,
-    ``check``, ``atol``). Returns the largest difference found by the check."""
-    if format not in EXPORT_FORMATS:
-        raise DataError(f"export format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    ``check``, ``atol``). ``transformers``, ``torchvision``, ``timm``: a plain checkpoint folder
+    of the members' shared trunk and one linear head over the union, when the model is that
+    (see :mod:`netmeld.model.export`; ``options``: ``overwrite``). Returns the largest
+    difference found by the check."""
+    from netmeld.model.export import FORMATS, export_model
+
+    if format not in FORMATS:
+        raise ExportError(f"export format {format!r}: expected one of {', '.join(FORMATS)}")
+    if format != "onnx":
+        return export_model(model, path, format, **options)
     from netmeld.members.bridges import export_onnx
 
     return export_onnx(model, path, **options)

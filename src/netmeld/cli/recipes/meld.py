@@ -72,9 +72,16 @@ class MemberSpec(StrictSpec):
     name: str | None = Field(
         default=None, description="the member's name (unique in the recipe); null: the file's stem"
     )
-    checkpoint: str = Field(
+    checkpoint: str | None = Field(
+        default=None,
         description="safetensors or `.pt`/`.pth` weights (read with `weights_only=True`), or a "
-        "Keras (`.keras`, `.h5`) or ONNX (`.onnx`) file; relative to the recipe"
+        "Keras (`.keras`, `.h5`) or ONNX (`.onnx`) file; relative to the recipe",
+    )
+    hf: str | None = Field(
+        default=None,
+        description="instead of `checkpoint`: a Hugging Face transformers classifier folder "
+        "(`save_pretrained`: config.json, model.safetensors, preprocessor or tokenizer "
+        "files), read offline; labels from its id2label unless `labels` is given",
     )
     architecture: str | None = Field(
         default=None,
@@ -84,8 +91,10 @@ class MemberSpec(StrictSpec):
     architecture_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the architecture's builder"
     )
-    labels: list[str] | str = Field(
-        description="the label names in output order, or a file with one label per line"
+    labels: list[str] | str | None = Field(
+        default=None,
+        description="the label names in output order, or a file with one label per line; "
+        "required unless `hf`",
     )
     preprocessing: PreprocessingSpec | None = Field(
         default=None,
@@ -106,8 +115,24 @@ class MemberSpec(StrictSpec):
         "from statistics (`ridge`, `lda`); relative to the recipe",
     )
 
+    @property
+    def display_name(self) -> str:
+        """The member's name: ``name``, else the file's stem or the folder's name."""
+        return self.name or Path(self.checkpoint or self.hf or "member").stem
+
     @model_validator(mode="after")
     def _check(self) -> MemberSpec:
+        if (self.checkpoint is None) == (self.hf is None):
+            raise ValueError("a member needs exactly one of 'checkpoint' and 'hf'")
+        if self.hf is not None:
+            if self.architecture is not None or self.output is not None or self.head is not None:
+                raise ValueError(
+                    f"member {self.hf!r}: an 'hf' folder carries its architecture and head"
+                )
+            return self
+        assert self.checkpoint is not None
+        if self.labels is None:
+            raise ValueError(f"member {self.checkpoint!r}: 'labels' is required")
         bridged = self.checkpoint.lower().endswith(_BRIDGED)
         if not bridged and (self.architecture is None or self.preprocessing is None):
             raise ValueError(
@@ -223,7 +248,7 @@ class Recipe(StrictSpec):
                     "'data: FOLDER' to the recipe"
                 )
         if info.data == "statistics":
-            lacking = [m.name or Path(m.checkpoint).stem for m in self.members if not m.statistics]
+            lacking = [m.display_name for m in self.members if not m.statistics]
             if lacking:
                 raise MethodError(
                     f"method {self.method!r} computes the head from member statistics: give "
@@ -238,7 +263,7 @@ class Recipe(StrictSpec):
                 f"method {self.method!r} reads no 'unlabeled' data; remove it or use a "
                 "semi-supervised method"
             )
-        names = [m.name or Path(m.checkpoint).stem for m in self.members]
+        names = [m.display_name for m in self.members]
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"two members are named {name!r}; member names must be unique")
@@ -259,12 +284,18 @@ def resolve_path(base: Path, value: str) -> Path:
 
 
 def load_member(spec: MemberSpec, base: Path) -> Member:
-    """Load one member of a recipe: a checkpoint, a Keras file or an ONNX file."""
+    """Load one member of a recipe: a checkpoint, a Keras or ONNX file, or a transformers
+    folder."""
     labels: Any = spec.labels
     if isinstance(labels, str):
         labels = resolve_path(base, labels)
-    path = resolve_path(base, spec.checkpoint)
     pre = None if spec.preprocessing is None else Preprocessing(**spec.preprocessing.model_dump())
+    if spec.hf is not None:
+        return Member.from_pretrained(
+            resolve_path(base, spec.hf), labels, name=spec.name, preprocessing=pre
+        )
+    assert spec.checkpoint is not None and labels is not None
+    path = resolve_path(base, spec.checkpoint)
     suffix = path.suffix.lower()
     if suffix in (".keras", ".h5", ".hdf5"):
         return Member.from_keras(
@@ -319,7 +350,7 @@ def recipe_member(path: str | Path, name: str | None, *, trust_code: bool = Fals
     member's checkpoint is read."""
     with reading_files(f"recipe {str(path)!r}", trust_code=trust_code):
         recipe, base = read_recipe(path)
-        names = [m.name or Path(m.checkpoint).stem for m in recipe.members]
+        names = [m.display_name for m in recipe.members]
         at = pick_member(names, name, f"recipe {str(path)!r}")
         return load_member(recipe.members[at], base)
 

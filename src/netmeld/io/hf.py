@@ -1,0 +1,313 @@
+"""Hugging Face transformers classifiers saved with ``save_pretrained``, read offline.
+
+A folder holds ``config.json`` (the architecture, ``id2label``), ``model.safetensors`` (or
+shards and their index) and ``preprocessor_config.json`` (images) or tokenizer files (text).
+:func:`read_pretrained` checks all of it before transformers builds anything: the config is
+strict JSON naming one of transformers' own ``...ForImageClassification`` or
+``...ForSequenceClassification`` classes (a config asking for custom code, ``auto_map``, is
+refused: netmeld never runs code from a downloaded folder), every safetensors header is
+validated (:class:`~netmeld.io.shards.CheckpointReader`), and no weight may be missing or left
+over. Nothing is downloaded; ``pytorch_model.bin`` files are refused (pickle).
+
+A member wraps the model as ``HFClassifier``: ``body`` is the whole transformers model with its
+classification layer replaced by ``nn.Identity`` (so it returns the head's input: ViT's CLS
+token, ConvNeXt's pooled features, RoBERTa's ``dense -> tanh`` output, DistilBERT's
+``pre_classifier`` output), and ``head`` is that layer. torch.fx treats the body as one
+operation, so members with the same body tensors (heads transfer-learned on one frozen
+backbone) share it and a combined model runs it once; a fine-tuned backbone shares nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netmeld.errors import CheckpointError, MemberError, UntrustedCodeError
+from netmeld.io.shards import CheckpointReader
+
+HF_BUILDER = "netmeld.io.hf:hf_classifier"
+TASKS = {
+    "image": ("ForImageClassification", "AutoModelForImageClassification"),
+    "text": ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+}
+MAX_JSON_BYTES = 16 * 2**20
+CONFIG_FILE, PREPROCESSOR_FILE = "config.json", "preprocessor_config.json"
+
+
+def transformers_module() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MemberError(
+            "Hugging Face members need transformers: pip install 'netmeld[transformers]'"
+        ) from exc
+    return transformers
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A strict JSON object from ``path`` (at most 16 MiB; no NaN); errors name the file."""
+    where = repr(str(path))
+    if not path.is_file():
+        raise MemberError(f"{where} does not exist")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise MemberError(f"{where} is larger than {MAX_JSON_BYTES:,} bytes")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise MemberError(f"{where} is not UTF-8 text: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise MemberError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MemberError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_config(config: Mapping[str, Any], where: str) -> str:
+    """The task (``image`` or ``text``) of a transformers config; refuses custom code."""
+    if "auto_map" in config or config.get("trust_remote_code"):
+        raise UntrustedCodeError(
+            f"{where} asks for custom model code (auto_map); netmeld builds only transformers' "
+            "own classes and never runs code from a model folder"
+        )
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise MemberError(f"{where}: no 'model_type' (is this a transformers config.json?)")
+    architectures = config.get("architectures")
+    if (
+        not isinstance(architectures, list)
+        or len(architectures) != 1
+        or not isinstance(architectures[0], str)
+    ):
+        raise MemberError(
+            f"{where}: 'architectures' must name one class, e.g. ['ViTForImageClassification']"
+        )
+    for task, (suffix, _) in TASKS.items():
+        if architectures[0].endswith(suffix):
+            return task
+    raise MemberError(
+        f"{where}: {architectures[0]!r} is not an image or sequence classifier; netmeld reads "
+        "...ForImageClassification and ...ForSequenceClassification models"
+    )
+
+
+def build_model(config: Mapping[str, Any], task: str, where: str) -> nn.Module:
+    """The transformers classifier ``config`` describes, with fresh weights."""
+    transformers = transformers_module()
+    check_config(config, where)
+    settings = dict(config)
+    model_type = settings.pop("model_type")
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **settings)
+        auto = getattr(transformers, TASKS[task][1])
+        model = auto.from_config(cfg)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise MemberError(f"{where}: transformers cannot build this config: {exc}") from exc
+    return model.eval()
+
+
+def head_path(model: nn.Module, where: str) -> str:
+    """The classification layer of a transformers classifier: ``classifier`` when it is a
+    Linear, else the last Linear inside it (ResNet's ``classifier.1``, RoBERTa's
+    ``classifier.out_proj``); ``score`` or ``fc`` where a family names it so."""
+    for attr in ("classifier", "score", "fc", "head"):
+        sub = getattr(model, attr, None)
+        if isinstance(sub, nn.Linear):
+            return attr
+        if isinstance(sub, nn.Module):
+            inner = [n for n, m in sub.named_modules() if isinstance(m, nn.Linear)]
+            if inner:
+                return f"{attr}.{inner[-1]}"
+    raise MemberError(f"{where}: no classification layer (a Linear named classifier) found")
+
+
+class HFBody(nn.Module):
+    """A transformers classifier without its classification layer: it returns the head's
+    input. torch.fx calls it as one operation (``netmeld_leaf``)."""
+
+    netmeld_leaf = True
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task == "image":
+            return self.model(pixel_values=x).logits
+        ids, mask = x[:, 0].long(), x[:, 1].long()  # text: token ids and attention mask
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+class HFClassifier(nn.Module):
+    """``head(body(x))``: a transformers classifier split at its classification layer."""
+
+    def __init__(self, body: HFBody, head: nn.Linear, head_name: str) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.head_name = head_name  # where the layer sits in the transformers model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def transformers_model(self) -> nn.Module:
+        """The wrapped transformers model with its classification layer put back (a copy)."""
+        import copy
+
+        model = copy.deepcopy(self.body.model)
+        model.set_submodule(self.head_name, copy.deepcopy(self.head))
+        return model
+
+
+def split_model(model: nn.Module, task: str, where: str) -> HFClassifier:
+    head_name = head_path(model, where)
+    head = model.get_submodule(head_name)
+    assert isinstance(head, nn.Linear)
+    model.set_submodule(head_name, nn.Identity())
+    return HFClassifier(HFBody(model, task), head, head_name)
+
+
+def hf_classifier(
+    *, config: dict[str, Any], task: str, files: dict[str, str] | None = None
+) -> HFClassifier:
+    """The builder a saved combined model names (``netmeld.io.hf:hf_classifier``): the
+    classifier ``config`` describes, fresh weights, split at its classification layer.
+    ``files``: the folder's preprocessor or tokenizer files (text), kept for exports."""
+    if task not in TASKS:
+        raise MemberError(f"transformers member: task {task!r}, expected 'image' or 'text'")
+    where = "a transformers member's config"
+    return split_model(build_model(config, task, where), task, where)
+
+
+def _weights(folder: Path) -> CheckpointReader:
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return CheckpointReader(folder)
+    if any(folder.glob("pytorch_model*.bin")):
+        raise CheckpointError(
+            f"{str(folder)!r} holds its weights as pytorch_model.bin (a pickle); netmeld reads "
+            "only safetensors: convert it with save_pretrained(..., safe_serialization=True)"
+        )
+    raise CheckpointError(f"{str(folder)!r} holds no model.safetensors")
+
+
+def load_pretrained(folder: Path, config: Mapping[str, Any], task: str) -> nn.Module:
+    """The classifier of a ``save_pretrained`` folder, its weights loaded by transformers (which
+    knows its own checkpoint key names) after netmeld checked every safetensors header; a
+    missing, unexpected or reshaped tensor is an error naming it (transformers would only warn
+    and leave fresh random weights)."""
+    transformers = transformers_module()
+    where = repr(str(folder))
+    check_config(config, where)
+    _weights(folder)  # headers, offsets and shards checked before transformers reads them
+    settings = dict(config)
+    model_type = settings.pop("model_type")
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # netmeld's own progress is enough
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **settings)
+        auto = getattr(transformers, TASKS[task][1])
+        model, info = auto.from_pretrained(
+            str(folder),
+            config=cfg,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: transformers cannot load it: {exc}") from exc
+    finally:
+        if shown:
+            bars.enable_progress_bar()
+    for kind, what in (
+        ("missing_keys", "is missing"),
+        ("unexpected_keys", "is not in the architecture config.json describes"),
+        ("mismatched_keys", "has another shape than config.json describes"),
+    ):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{where}: tensor {keys[0]!r} {what}{more}")
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values")
+    return model.eval()
+
+
+def image_preprocessing(folder: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """netmeld preprocessing from ``preprocessor_config.json`` (netmeld's inputs are in
+    ``[0, 1]``; a processor that does not rescale wants ``[0, 255]``)."""
+    channels = int(config.get("num_channels", 3))
+    path = folder / PREPROCESSOR_FILE
+    if not path.is_file():
+        size = config.get("image_size")
+        if not isinstance(size, int):
+            raise MemberError(
+                f"{str(folder)!r} has no {PREPROCESSOR_FILE} and its config no image_size; "
+                "pass preprocessing={'input_shape': [3, H, W], 'mean': ..., 'std': ...}"
+            )
+        return {"input_shape": [channels, size, size]}
+    proc = read_json(path)
+    where = repr(str(path))
+    size = proc.get("crop_size") if proc.get("do_center_crop") else None
+    size = size or proc.get("size")
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            hw = [size["height"], size["width"]]
+        elif "shortest_edge" in size:
+            hw = [size["shortest_edge"]] * 2
+        else:
+            hw = []
+    elif isinstance(size, int):
+        hw = [size, size]
+    else:
+        hw = []
+    if len(hw) != 2 or not all(isinstance(v, int) and 0 < v <= 8192 for v in hw):
+        raise MemberError(f"{where}: 'size' must give height and width, got {size!r}")
+    out: dict[str, Any] = {"input_shape": [channels, *hw]}
+    scale = 1.0 if proc.get("do_rescale", True) else 255.0
+    if proc.get("do_normalize", True) and "image_mean" in proc and "image_std" in proc:
+        mean, std = proc["image_mean"], proc["image_std"]
+        if not isinstance(mean, list) or not isinstance(std, list):
+            raise MemberError(f"{where}: image_mean and image_std must be lists")
+        out["mean"] = [float(v) / scale for v in mean]
+        out["std"] = [float(v) / scale for v in std]
+    elif scale != 1.0:
+        out["mean"], out["std"] = [0.0], [1.0 / 255.0]
+    return out
+
+
+def default_names(labels: list[str]) -> bool:
+    """Whether ``labels`` are transformers' placeholder names ``LABEL_0``, ``LABEL_1``, ..."""
+    return all(label == f"LABEL_{i}" for i, label in enumerate(labels))
+
+
+def read_labels(config: Mapping[str, Any], where: str) -> list[str]:
+    """The labels of ``config.id2label`` in output order; every index present once."""
+    id2label = config.get("id2label")
+    if id2label is None:  # transformers leaves out the default LABEL_0... names
+        count = config.get("num_labels", 2)
+        if not isinstance(count, int) or not 0 < count <= 1_000_000:
+            raise MemberError(f"{where}: no id2label and no valid num_labels; pass labels=[...]")
+        id2label = {i: f"LABEL_{i}" for i in range(count)}
+    if not isinstance(id2label, dict) or not id2label:
+        raise MemberError(f"{where}: id2label must map output indices to names")
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError) as exc:
+        raise MemberError(f"{where}: id2label keys must be output indices: {exc}") from exc
+    if sorted(by_index) != list(range(len(by_index))):
+        raise MemberError(
+            f"{where}: id2label must map 0..{len(by_index) - 1}, got {sorted(by_index)[:8]}"
+        )
+    return [by_index[i] for i in range(len(by_index))]

@@ -1,0 +1,111 @@
+"""Members from Hugging Face ``save_pretrained`` folders (:meth:`Member.from_pretrained`).
+
+The folder is read and checked by :mod:`netmeld.io.hf`; this module turns it into a member:
+labels from ``id2label``, preprocessing from the image processor (or, for text, the
+tokenizer), and an :class:`~netmeld.members.member.Architecture` that rebuilds the model from
+its config alone, so a saved combined model needs neither the folder nor pickle.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from netmeld.errors import MemberError
+from netmeld.io import hf
+
+if TYPE_CHECKING:
+    from netmeld.members.member import Member, Preprocessing
+
+
+def read_pretrained(
+    cls: type[Member],
+    path: str | Path,
+    labels: Sequence[str] | str | Path | None,
+    *,
+    name: str | None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None,
+) -> Member:
+    from netmeld.members.member import Architecture
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MemberError(f"{str(folder)!r} is not a folder (a save_pretrained folder expected)")
+    config_path = folder / hf.CONFIG_FILE
+    where = repr(str(config_path))
+    config = hf.read_json(config_path)
+    task = hf.check_config(config, where)
+    label_names = _labels(config, labels, where)
+    name = name or re.sub(r"[^A-Za-z0-9_\-]", "-", folder.resolve().name) or "hf"
+    settings = _config_for(config, label_names)
+    module = hf.split_model(hf.load_pretrained(folder, settings, task), task, where)
+    kwargs: dict[str, Any] = {"config": settings, "task": task, "files": _kept_files(folder)}
+    if preprocessing is None:
+        if task == "image":
+            preprocessing = hf.image_preprocessing(folder, config)
+        else:
+            raise MemberError(f"{str(folder)!r}: text members are not supported yet")
+    return cls(
+        module.eval(),
+        label_names,
+        name=name,
+        preprocessing=preprocessing,
+        architecture=Architecture(hf.HF_BUILDER, kwargs),
+        head="head",
+    )
+
+
+def _labels(config: Mapping[str, Any], given: Any, where: str) -> list[str]:
+    from netmeld.members.member import read_labels
+
+    names = hf.read_labels(config, where)
+    if given is not None:
+        chosen = list(read_labels(given))
+        if len(chosen) != len(names):
+            raise MemberError(
+                f"{where}: {len(chosen)} labels given for a classifier with {len(names)} outputs"
+            )
+        return chosen
+    if hf.default_names(names):
+        warnings.warn(
+            f"{where}: id2label has transformers' default names ({names[0]}, ...); pass "
+            "labels=[...] (a recipe: 'labels:') with the real names, or the combined model's "
+            "labels will be these",
+            stacklevel=4,
+        )
+    return names
+
+
+def _config_for(config: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
+    """The config to rebuild the model from: the folder's, with the member's label names."""
+    settings = dict(config)
+    settings["id2label"] = {str(i): label for i, label in enumerate(labels)}
+    settings["label2id"] = {label: i for i, label in enumerate(labels)}
+    return settings
+
+
+KEPT_FILES = (
+    hf.PREPROCESSOR_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def _kept_files(folder: Path) -> dict[str, str]:
+    """The preprocessor and tokenizer files an export writes back beside the weights."""
+    kept = {}
+    for name in KEPT_FILES:
+        path = folder / name
+        if path.is_file():
+            if path.stat().st_size > hf.MAX_JSON_BYTES:
+                raise MemberError(f"{str(path)!r} is larger than {hf.MAX_JSON_BYTES:,} bytes")
+            try:
+                kept[name] = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise MemberError(f"{str(path)!r} is not UTF-8 text: {exc}") from exc
+    return kept
