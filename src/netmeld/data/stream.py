@@ -32,6 +32,7 @@ from netmeld.data.reading import (
     read_image,
     scan_folder,
 )
+from netmeld.data.text import encode_texts, is_text_shape, looks_textual, read_texts
 from netmeld.errors import DataError
 from netmeld.runtime import tensor_digest
 
@@ -314,6 +315,8 @@ def open_data(
     shape = tuple(int(s) for s in input_shape)
     if isinstance(data, Stream):
         stream = data
+    elif is_text_shape(shape) and looks_textual(data):
+        stream = _open_texts(data, shape, what, label_column)
     elif isinstance(data, list) and data and all(isinstance(d, (str, Path)) for d in data):
         stream = _open_files([Path(d) for d in data], shape, what, skip_unreadable)
     elif isinstance(data, (str, Path)) and not str(data).lower().endswith(".csv"):
@@ -338,6 +341,15 @@ def open_data(
             "one subfolder per label"
         )
     return stream
+
+
+def _open_texts(data: Any, shape: tuple[int, ...], what: str, label_column: str) -> Stream:
+    """Texts for a model of text members, as their UTF-8 bytes (see :mod:`netmeld.data.text`)."""
+    texts, labels, source = read_texts(data, what, label_column)
+    if not texts:
+        raise DataError(f"{what} ({source}): is empty; expected at least one text")
+    encoded = encode_texts(texts, source)
+    return Stream(source, len(texts), shape, labels, labels is not None, tensor=encoded)
 
 
 def _open_folder(folder: Path, shape: tuple[int, ...], what: str, skip: bool) -> Stream:

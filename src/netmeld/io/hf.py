@@ -131,20 +131,86 @@ def head_path(model: nn.Module, where: str) -> str:
 
 class HFBody(nn.Module):
     """A transformers classifier without its classification layer: it returns the head's
-    input. torch.fx calls it as one operation (``netmeld_leaf``)."""
+    input. torch.fx calls it as one operation (``netmeld_leaf``). A text body reads texts as
+    :mod:`netmeld.data.text` encodes them and tokenises them with its own tokenizer."""
 
     netmeld_leaf = True
 
-    def __init__(self, model: nn.Module, task: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        *,
+        tokenizer: str | None = None,
+        text: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.task = task
+        self.tokenizer_json = tokenizer
+        self.text = dict(text or {})
+        self._tokenizer: Any = None
+        if task == "text":
+            if tokenizer is None:
+                raise MemberError("a text member needs its tokenizer (tokenizer.json)")
+            self._tokenizer = make_tokenizer(tokenizer, self.text)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.task == "image":
             return self.model(pixel_values=x).logits
-        ids, mask = x[:, 0].long(), x[:, 1].long()  # text: token ids and attention mask
+        from netmeld.data.text import decode_texts
+
+        encoded = self._tokenizer.encode_batch(decode_texts(x))
+        ids = torch.tensor([e.ids for e in encoded], dtype=torch.long, device=x.device)
+        mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long, device=x.device)
         return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def make_tokenizer(tokenizer_json: str, text: Mapping[str, Any]) -> Any:
+    """A ``tokenizers.Tokenizer`` from its JSON, truncating and padding as the member did."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise MemberError(
+            "text members need tokenizers: pip install 'netmeld[transformers]'"
+        ) from exc
+    try:
+        tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as exc:  # the Rust library's own complaint
+        raise MemberError(f"a text member's tokenizer.json cannot be read: {exc}") from exc
+    tok.enable_truncation(int(text.get("max_length", 512)))
+    tok.enable_padding(pad_id=int(text.get("pad_id", 0)), pad_token=str(text.get("pad_token", "")))
+    return tok
+
+
+def text_settings(folder: Path, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The tokenizer of a text classifier's folder as ``tokenizer.json`` text, and how it pads
+    and truncates; transformers reads the tokenizer files (a tokenizer asking for custom code
+    is refused)."""
+    transformers = transformers_module()
+    where = repr(str(folder))
+    tok_config = folder / "tokenizer_config.json"
+    if tok_config.is_file() and "auto_map" in read_json(tok_config):
+        raise UntrustedCodeError(
+            f"{str(tok_config)!r} asks for custom tokenizer code (auto_map); netmeld never runs "
+            "code from a model folder"
+        )
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MemberError(f"{where}: its tokenizer cannot be read: {exc}") from exc
+    if not getattr(tok, "is_fast", False):
+        raise MemberError(f"{where}: netmeld needs a fast tokenizer (tokenizer.json)")
+    limits = [tok.model_max_length, config.get("max_position_embeddings"), 512]
+    max_length = min(int(v) for v in limits if isinstance(v, int) and v > 0)
+    text = {
+        "max_length": max_length,
+        "pad_id": int(tok.pad_token_id) if tok.pad_token_id is not None else 0,
+        "pad_token": str(tok.pad_token or ""),
+    }
+    return tok.backend_tokenizer.to_str(), text
 
 
 class HFClassifier(nn.Module):
@@ -168,24 +234,36 @@ class HFClassifier(nn.Module):
         return model
 
 
-def split_model(model: nn.Module, task: str, where: str) -> HFClassifier:
+def split_model(
+    model: nn.Module,
+    task: str,
+    where: str,
+    tokenizer: str | None = None,
+    text: Mapping[str, Any] | None = None,
+) -> HFClassifier:
     head_name = head_path(model, where)
     head = model.get_submodule(head_name)
     assert isinstance(head, nn.Linear)
     model.set_submodule(head_name, nn.Identity())
-    return HFClassifier(HFBody(model, task), head, head_name)
+    return HFClassifier(HFBody(model, task, tokenizer=tokenizer, text=text), head, head_name)
 
 
 def hf_classifier(
-    *, config: dict[str, Any], task: str, files: dict[str, str] | None = None
+    *,
+    config: dict[str, Any],
+    task: str,
+    files: dict[str, str] | None = None,
+    text: dict[str, Any] | None = None,
 ) -> HFClassifier:
     """The builder a saved combined model names (``netmeld.io.hf:hf_classifier``): the
     classifier ``config`` describes, fresh weights, split at its classification layer.
-    ``files``: the folder's preprocessor or tokenizer files (text), kept for exports."""
+    ``files``: the folder's preprocessor and tokenizer files (``tokenizer.json`` is what a text
+    member tokenises with); ``text``: its truncation and padding."""
     if task not in TASKS:
         raise MemberError(f"transformers member: task {task!r}, expected 'image' or 'text'")
     where = "a transformers member's config"
-    return split_model(build_model(config, task, where), task, where)
+    tokenizer = (files or {}).get("tokenizer.json") if task == "text" else None
+    return split_model(build_model(config, task, where), task, where, tokenizer, text)
 
 
 def _weights(folder: Path) -> CheckpointReader:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netmeld.data.text import is_text_shape
 from netmeld.errors import DataError, MemberError, ModelFileError
 
 # -- Keras ------------------------------------------------------------------------------------
@@ -334,6 +335,12 @@ def export_onnx(
     input_shape = tuple(getattr(model, "input_shape", ()))
     if not input_shape:
         raise DataError("export needs a model with an input_shape")
+    if is_text_shape(input_shape):
+        raise ModelFileError(
+            "a model of text members tokenises its texts in Python, which ONNX cannot hold; "
+            "export it with --format transformers (a linear union over one shared encoder) or "
+            "keep the netmeld folder"
+        )
     model = model.eval()
     example = torch.rand(2, *input_shape)
     path.parent.mkdir(parents=True, exist_ok=True)

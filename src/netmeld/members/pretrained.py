@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from netmeld.data.text import TEXT_SHAPE
 from netmeld.errors import MemberError
 from netmeld.io import hf
 
@@ -41,13 +42,19 @@ def read_pretrained(
     label_names = _labels(config, labels, where)
     name = name or re.sub(r"[^A-Za-z0-9_\-]", "-", folder.resolve().name) or "hf"
     settings = _config_for(config, label_names)
-    module = hf.split_model(hf.load_pretrained(folder, settings, task), task, where)
-    kwargs: dict[str, Any] = {"config": settings, "task": task, "files": _kept_files(folder)}
-    if preprocessing is None:
-        if task == "image":
-            preprocessing = hf.image_preprocessing(folder, config)
-        else:
-            raise MemberError(f"{str(folder)!r}: text members are not supported yet")
+    files = _kept_files(folder)
+    kwargs: dict[str, Any] = {"config": settings, "task": task, "files": files}
+    tokenizer = None
+    if task == "text":
+        tokenizer, kwargs["text"] = hf.text_settings(folder, config)
+        files["tokenizer.json"] = tokenizer
+        if preprocessing is not None:
+            raise MemberError(f"{str(folder)!r}: a text member's preprocessing is its tokenizer")
+        preprocessing = {"input_shape": list(TEXT_SHAPE)}
+    elif preprocessing is None:
+        preprocessing = hf.image_preprocessing(folder, config)
+    model = hf.load_pretrained(folder, settings, task)
+    module = hf.split_model(model, task, where, tokenizer, kwargs.get("text"))
     return cls(
         module.eval(),
         label_names,

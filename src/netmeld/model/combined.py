@@ -383,6 +383,8 @@ class CombinedModel(nn.Module):
         return x.flatten(1) if self.union.router_source == "input" else out.router_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):  # texts, for a model of text members
+            x = self._as_inputs(list(x))
         return self.logits_from(self.run_members(x), x)
 
     def logits_from(self, out: MemberOutputs, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from netmeld._atomic import make_temp, swap_in
 from netmeld._outputs import check_replaceable, write_marker
+from netmeld.data.text import encode_texts, is_text_shape
 from netmeld.errors import ExportError
 
 if TYPE_CHECKING:
@@ -152,7 +153,10 @@ def _write_transformers(
     assert member.architecture is not None
     for name, content in member.architecture.kwargs.get("files", {}).items():
         (folder / name).write_text(content, encoding="utf-8")
-    return _Preprocessed(model, member, HFBody(hf_model, module.body.task))
+    body = HFBody(
+        hf_model, module.body.task, tokenizer=module.body.tokenizer_json, text=module.body.text
+    )
+    return _Preprocessed(model, member, body)
 
 
 def _write_state_dict(
@@ -198,7 +202,10 @@ class _Preprocessed(nn.Module):
 
 
 def _check(model: CombinedModel, built: nn.Module) -> float:
-    x = torch.rand(3, *model.input_shape, generator=torch.Generator().manual_seed(0))
+    if is_text_shape(model.input_shape):
+        x = encode_texts(["a short text", "another, longer text to read", "netmeld"])
+    else:
+        x = torch.rand(3, *model.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((built.eval()(x) - model.eval()(x)).abs().max())
     if not diff <= CHECK_ATOL:
