@@ -281,3 +281,103 @@ def test_every_combined_model_exports_to_onnx(digits2, forum, tmp_path):
         assert np.abs(_ort(path, x) - expected).max() <= 1e-4, name
     with pytest.raises(ModelFileError, match="exists"):
         bridges.export_onnx(model, path)
+
+
+def _overlapping_members() -> list[netmeld.Member]:
+    members = []
+    for seed, labels in ((0, ["cat", "dog"]), (1, ["dog", "fox", "owl"])):
+        torch.manual_seed(seed)
+        members.append(
+            netmeld.Member(
+                small_cnn(num_classes=len(labels), in_channels=1, width=8, blocks=2),
+                labels,
+                name=f"m{seed}",
+                preprocessing={"input_shape": (1, S, S), "mean": [0.5], "std": [0.25]},
+                architecture=netmeld.Architecture(
+                    "netmeld.zoo:small_cnn", {"in_channels": 1, "width": 8, "blocks": 2}
+                ),
+            )
+        )
+    return members
+
+
+@pytest.mark.parametrize("method", ["mean", "vote", "max-confidence"])
+def test_ensembles_of_members_sharing_a_label_export_with_their_labels_and_any_size(
+    method, tmp_path
+):
+    import json
+
+    import onnx
+
+    model = netmeld.meld(_overlapping_members(), method)
+    assert model.labels == ["cat", "dog", "fox", "owl"]
+    path = tmp_path / "m.onnx"
+    assert bridges.export_onnx(model, path) <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["labels"]) == model.labels
+    members = json.loads(meta["members"])
+    assert [m["name"] for m in members] == ["m0", "m1"]
+    assert members[1]["preprocessing"]["mean"] == [0.5]
+    x = torch.rand(2, 1, S + 9, S + 5)  # another image size: each member resizes it
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(_ort(path, x) - expected).max() <= 1e-4
+
+
+def test_an_onnx_export_failure_is_one_line(monkeypatch, tmp_path, capfd):
+    def failing(*args, **kwargs):
+        print("graph(%input : Float(2, 1, 8, 8)):\n" + "  %1 = onnx::Op()\n" * 270)
+        os.write(2, b"C++ noise\n")
+        raise RuntimeError("index_add_(): duplicate indices\n" + "IR line\n" * 270)
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    model = netmeld.meld(_overlapping_members(), "concat")
+    with pytest.raises(ModelFileError) as caught:
+        bridges.export_onnx(model, tmp_path / "m.onnx")
+    assert "\n" not in str(caught.value) and "duplicate indices" in str(caught.value)
+    out, err = capfd.readouterr()
+    assert "onnx::Op" not in out + err and "C++ noise" not in out + err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_keras_model_ending_in_a_nested_sequential_classifier(tmp_path):
+    """The seeds' hierarchical example: ``cnn2(cnn1(x))``, cnn2 a Sequential whose last Dense
+    is the classifier."""
+    keras = _keras()
+    cnn1 = keras.Sequential(
+        [
+            keras.Input((S, S, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+        ],
+        name="cnn1",
+    )
+    width = 4 * (S - 2) * (S - 2)
+    cnn2 = keras.Sequential(
+        [
+            keras.Input((width,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ],
+        name="cnn2",
+    )
+    x = keras.Input((S, S, 1))
+    model = keras.Model(x, cnn2(cnn1(x)))
+    model.save(tmp_path / "h.keras")
+    member = netmeld.Member.from_keras(tmp_path / "h.keras", ["a", "b", "c"])
+    images = np.random.default_rng(0).random((5, S, S, 1)).astype("float32")
+    combined = netmeld.meld([member], "concat")
+    with torch.no_grad():
+        probs = combined(_nchw(images)).softmax(1).numpy()
+    assert np.abs(probs - model.predict(images, verbose=0)).max() < 1e-5
+    loaded = netmeld.load(combined.save(tmp_path / "saved"))
+    with torch.no_grad():
+        assert np.abs(loaded(_nchw(images)).softmax(1).numpy() - probs).max() < 1e-6
+
+
+def test_a_keras_members_wrong_input_shape_is_refused_when_it_is_built(forum):
+    root, _ = forum
+    with pytest.raises(MemberError, match=r"input_shape \(1, 12, 12\) does not fit"):
+        netmeld.Member.from_keras(
+            root / "b.keras", DIGITS, preprocessing=netmeld.Preprocessing((1, 12, 12))
+        )

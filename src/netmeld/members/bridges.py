@@ -24,8 +24,12 @@ checks it with onnxruntime against PyTorch.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +72,7 @@ def _producer(tensor: Any) -> Any:
 
 
 def _output_dense(keras: Any, model: Any, output: str | int | None) -> Any:
-    """The ``Dense`` layer that produces ``output`` (through a softmax/activation layer)."""
+    """The output tensor ``output`` names (its index or its layer's name)."""
     try:
         outputs = list(model.outputs)
     except (AttributeError, ValueError) as exc:
@@ -93,15 +97,34 @@ def _output_dense(keras: Any, model: Any, output: str | int | None) -> Any:
         if output not in by_name:
             raise MemberError(f"output {output!r}: the Keras model's outputs are {list(by_name)}")
         tensor = by_name[output]
+    return tensor
+
+
+def _classifier(keras: Any, model: Any, output: str | int | None) -> tuple[Any, Any, str]:
+    """``(dense, features, name)``: the ``Dense`` layer that produces ``output`` (through
+    activation layers), the tensor of ``model``'s graph it reads, and the output's name. An
+    output made by a nested model (``cnn2(cnn1(x))`` with ``cnn2`` a Sequential ending in its
+    classifier) is looked into: its last ``Dense`` is the classifier, the rest of it the neck."""
+    tensor = _output_dense(keras, model, output)
+    name = _producer(tensor).name
     layer = _producer(tensor)
     while isinstance(layer, (keras.layers.Activation, keras.layers.Softmax)):
-        layer = _producer(layer.input)
+        tensor = layer.input
+        layer = _producer(tensor)
+    if isinstance(layer, keras.Model):  # a nested model: its own classifier, fed from outside
+        history = tensor._keras_history
+        outer = layer._inbound_nodes[history[1]].input_tensors
+        inner_dense, _, _ = _classifier(keras, layer, None)
+        if len(outer) != 1:
+            raise MemberError(f"the nested Keras model {layer.name!r} must read one input")
+        neck = keras.Model(layer.inputs, inner_dense.input, name=f"{layer.name}_neck")
+        return inner_dense, neck(outer[0]), name
     if not isinstance(layer, keras.layers.Dense):
         raise MemberError(
             f"the Keras output {layer.name!r} is a {type(layer).__name__}; netmeld needs a Dense "
             "layer (optionally followed by an activation) as the classifier"
         )
-    return layer
+    return layer, layer.input, name
 
 
 class KerasClassifier(nn.Module):
@@ -135,7 +158,7 @@ class KerasClassifier(nn.Module):
     ) -> None:
         """Wrap ``model``; a ``num_classes`` other than the output's units is an error, or with
         ``new_head`` (a rebuilt architecture given a new label count) a fresh head."""
-        dense = _output_dense(keras, model, output)
+        dense, features, name = _classifier(keras, model, output)
         shapes = [tuple(i.shape[1:]) for i in model.inputs]
         if any(None in s for s in shapes) or len(set(shapes)) != 1:
             raise MemberError(
@@ -144,8 +167,8 @@ class KerasClassifier(nn.Module):
             )
         self.n_inputs = len(shapes)
         self.keras_input_shape = shapes[0]
-        self.output_name = dense.name
-        body = keras.Model(model.inputs, dense.input)
+        self.output_name = name
+        body = keras.Model(model.inputs, features)
         self.body = body
         kernel = dense.kernel.value.detach()
         if num_classes is not None and num_classes != kernel.shape[1]:
@@ -347,21 +370,25 @@ def export_onnx(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    flexible = len(input_shape) == 3 and not getattr(model, "reads_input", False)
+    axes = {0: "batch", 2: "height", 3: "width"} if flexible else {0: "batch"}
     try:
         try:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                opset_version=opset,
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
+            with _quiet():  # torch prints its whole IR graph on a failure: one line instead
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    opset_version=opset,
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": axes, "logits": {0: "batch"}},
+                )
         except Exception as exc:
-            raise ModelFileError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
-        _mark_onnx(tmp)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelFileError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
+        _mark_onnx(tmp, _metadata(model))
         diff = _check_onnx(model, tmp, input_shape) if check else None
         if diff is not None and diff > atol:
             raise ModelFileError(
@@ -376,16 +403,70 @@ def export_onnx(
 ONNX_MARK = ("written_by", "netmeld")  # metadata of every ONNX file netmeld writes
 
 
-def _mark_onnx(path: Path) -> None:
-    """Record in the file's metadata that netmeld wrote it (what ``overwrite`` checks)."""
+def _metadata(model: nn.Module) -> dict[str, str]:
+    """What an ONNX file says about itself: the union's labels, the input it takes (any height
+    and width, for images: each member resizes), each member's preprocessing."""
+    import json
+
+    from netmeld._version import __version__
+
+    members = getattr(model, "members", [])
+    return {
+        "labels": json.dumps(list(getattr(model, "labels", []))),
+        "input_shape": json.dumps(list(getattr(model, "input_shape", []))),
+        "input_range": "images: float in [0, 1], NCHW; the model normalises per member",
+        "members": json.dumps(
+            [
+                {
+                    "name": m.name,
+                    "labels": list(m.labels),
+                    "preprocessing": m.preprocessing.to_dict(),
+                }
+                for m in members
+            ]
+        ),
+        "netmeld_version": __version__,
+    }
+
+
+def _mark_onnx(path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Record in the file's metadata that netmeld wrote it (what ``overwrite`` checks), and
+    ``metadata``."""
     try:
         import onnx
     except ImportError:  # torch.onnx without the onnx package: the file stays unmarked
         return
     proto = onnx.load(str(path), load_external_data=False)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_MARK
+    for key, value in [ONNX_MARK, *(metadata or {}).items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Python's and the C++ library's output to stderr and stdout (file descriptors
+    1 and 2) for the block, and its warnings."""
+    import warnings
+
+    saved = [os.dup(1), os.dup(2)]
+    text = io.StringIO()
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _check_onnx_replaceable(path: Path, overwrite: bool) -> None:
@@ -422,8 +503,11 @@ def _check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> f
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
-    for batch in (1, 3):
-        x = torch.rand(batch, *input_shape, generator=generator)
+    shapes = [(1, *input_shape), (3, *input_shape)]
+    if len(input_shape) == 3 and not getattr(model, "reads_input", False):  # members resize
+        shapes.append((2, input_shape[0], input_shape[1] + 7, input_shape[2] + 3))
+    for shape in shapes:
+        x = torch.rand(*shape, generator=generator)
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run(None, {"input": x.numpy()})[0]

@@ -392,6 +392,18 @@ class Member:
         keras_model, source = load_keras(model)
         label_names = read_labels(labels)
         module, kwargs = wrap_keras(keras_model, output, len(label_names), source)
+        if preprocessing is not None:
+            given = (
+                Preprocessing.from_dict(preprocessing)
+                if isinstance(preprocessing, Mapping)
+                else preprocessing
+            )
+            if given.input_shape != module.input_shape:
+                raise MemberError(
+                    f"{source or 'Keras model'}: preprocessing input_shape {given.input_shape} "
+                    f"does not fit the model, which reads {module.input_shape} (channels "
+                    "first; netmeld resizes other inputs to it)"
+                )
         return cls(
             module,
             label_names,

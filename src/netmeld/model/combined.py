@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,8 +315,13 @@ class CombinedModel(nn.Module):
         return [m.name for m in self.members]
 
     def run_members(self, x: torch.Tensor) -> MemberOutputs:
-        """Run trunks, necks and heads; return per-member features and raw logits."""
-        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+        """Run trunks, necks and heads; return per-member features and raw logits. Images of
+        another height and width are resized per member (unless the model reads its raw input)."""
+        shape = self.input_shape
+        fits = x.dim() == len(shape) + 1 and tuple(x.shape[1:]) == shape
+        if not fits and len(shape) == 3 and x.dim() == 4 and x.shape[1] == shape[0]:
+            fits = not self.reads_input
+        if not fits:
             raise DataError(
                 f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(x.shape)}"
@@ -502,7 +507,7 @@ class CombinedModel(nn.Module):
     @property
     def num_parameters(self) -> int:
         """Parameters the combined model runs (a shared trunk counted once)."""
-        return sum(p.numel() for p in _unique_parameters(self))
+        return sum(t.numel() for t in _unique_state(self, parameters=True).values())
 
     def extra_repr(self) -> str:
         groups = ", ".join("+".join(g.members) for g in self.plan)
@@ -576,19 +581,13 @@ class CombinedModel(nn.Module):
         return path
 
 
-def _unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield p
-
-
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once (CapturedBody keeps the original head too)."""
+def _unique_state(model: nn.Module, parameters: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once (CapturedBody keeps the original head too); with
+    ``parameters``, of the parameters only."""
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, value in model.state_dict(keep_vars=True).items():
+    items = model.named_parameters() if parameters else model.state_dict(keep_vars=True).items()
+    for key, value in items:
         if id(value) in seen:
             continue
         seen.add(id(value))

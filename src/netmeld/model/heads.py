@@ -65,6 +65,7 @@ class Ensemble(Combiner):
     kind = "ensemble"
     place: torch.Tensor
     owner: torch.Tensor
+    placement: torch.Tensor
 
     def __init__(
         self,
@@ -85,6 +86,10 @@ class Ensemble(Combiner):
         place, owner = _placement(member_labels, union)
         self.register_buffer("place", torch.tensor(place, dtype=torch.long), persistent=False)
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long), persistent=False)
+        # column j of the members' outputs -> its union label, as a (sum K_m, K) 0/1 matrix: the
+        # sums over members are matrix products (ONNX exports them; index_add it cannot)
+        placement = F.one_hot(self.place, self.union_size).float()
+        self.register_buffer("placement", placement, persistent=False)
         self.weights = nn.Parameter(torch.ones(len(member_labels)), requires_grad=False)
 
     @torch.no_grad()
@@ -102,9 +107,10 @@ class Ensemble(Combiner):
     def mean_probs(self, probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean of member probabilities ``(N, sum K_m)`` over the union ``(N, K)``."""
         w = weights[self.owner]
-        num = probs.new_zeros(probs.shape[0], self.union_size).index_add(1, self.place, probs * w)
+        placement = self.placement.to(probs.dtype)
+        num = (probs * w) @ placement
         if self.unknown == "renormalize":
-            den = w.new_zeros(self.union_size).index_add(0, self.place, w)
+            den = w @ placement
             p = num / den.clamp_min(1e-12)
         else:
             p = num / weights.sum().clamp_min(1e-12)
@@ -115,18 +121,15 @@ class Ensemble(Combiner):
         weights = self.weights
         if self.mode == "mean":
             return self.mean_probs(probs, weights)
-        if self.mode == "max":
-            index = self.place.expand(probs.shape[0], -1)
-            p = probs.new_zeros(probs.shape[0], self.union_size).scatter_reduce(
-                1, index, probs, reduce="amax", include_self=True
-            )
+        if self.mode == "max":  # probabilities are >= 0: a zero where a member lacks a label
+            p = (probs[:, :, None] * self.placement.to(probs.dtype)).amax(dim=1)
             return p / p.sum(1, keepdim=True).clamp_min(1e-12)
         # vote: each member's top label gets the member's weight
         votes = []
         for z in logits:
             votes.append(F.one_hot(z.argmax(dim=1), z.shape[1]).to(probs.dtype))
         onehot = torch.cat(votes, dim=1) * weights[self.owner]
-        counts = probs.new_zeros(probs.shape[0], self.union_size).index_add(1, self.place, onehot)
+        counts = onehot @ self.placement.to(probs.dtype)
         counts = counts / weights.sum().clamp_min(1e-12)
         p = counts + 1e-3 * self.mean_probs(probs, weights)
         return p / p.sum(1, keepdim=True)
