@@ -394,6 +394,44 @@ def _write_base(root: Path, name: str) -> None:
     )
 
 
+def _write_hf(root: Path, name: str) -> None:
+    """hf/cats-dogs or hf/men-women: tiny transformers ViT classifiers on one frozen backbone;
+    men-women keeps transformers' default LABEL_0/LABEL_1 names (the recipe names them)."""
+    import transformers
+
+    labels = PETS if name.endswith("cats-dogs") else ["LABEL_0", "LABEL_1"]
+    config = transformers.ViTConfig(
+        image_size=S,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label=dict(enumerate(labels)),
+        label2id={k: i for i, k in enumerate(labels)},
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config)
+    torch.manual_seed(1 if name.endswith("cats-dogs") else 2)
+    model.classifier.reset_parameters()
+    model.eval().save_pretrained(root / name)
+    transformers.ViTImageProcessor(
+        size={"height": S, "width": S}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    ).save_pretrained(root / name)
+
+
+def _write_hf_recipe(root: Path, name: str) -> None:
+    for folder in ("hf/cats-dogs", "hf/men-women"):
+        _write_hf(root, folder)
+    _labeled_photos(root / "few_labeled_photos", PETS + PEOPLE, 2, 22)
+    recipe = {
+        "members": [{"hf": "hf/cats-dogs"}, {"hf": "hf/men-women", "labels": PEOPLE}],
+        "method": "calibrate",
+        "data": "few_labeled_photos",
+    }
+    (root / name).write_text(yaml.safe_dump(recipe))
+
+
 # The files and folders README blocks name (in strings or command arguments) and how each
 # stand-in is written; a factory writes the named path (and what it refers to) into ``root``.
 FILES: dict[str, Callable[[Path, str], None]] = {
@@ -416,6 +454,10 @@ FILES: dict[str, Callable[[Path, str], None]] = {
     "pets-and-people": lambda root, name: _write_model(root, name, "concat"),
     "other": lambda root, name: _write_model(root, name, "weight-norm"),
     "recipe.yaml": _write_meld_recipe,
+    "hf/cats-dogs": _write_hf,
+    "hf/men-women": _write_hf,
+    "pets-people.yaml": _write_hf_recipe,
+    "few_labeled_photos": lambda root, name: _labeled_photos(root / name, PETS + PEOPLE, 2, 22),
     "distill.yaml": _write_distill_recipe,
     "fusion.yaml": _write_train_recipe,
     "merge.yaml": _write_merge_recipe,
@@ -438,11 +480,9 @@ class Workspace:
             FILES[key](built, key)
         for item in built.iterdir():
             target = cwd / item.name
-            if target.exists():
-                continue
-            if item.is_dir():
-                shutil.copytree(item, target)
-            else:
+            if item.is_dir():  # merged: hf/cats-dogs and hf/men-women share hf/
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            elif not target.exists():
                 shutil.copy2(item, target)
 
 
