@@ -46,7 +46,7 @@ from netmeld.demo.scenarios import (
     train_classifier,
     transfer_scenario,
 )
-from netmeld.evaluate import metrics_from_logits
+from netmeld.evaluate import Reports, metrics_from_logits, model_summary
 from netmeld.members.member import Preprocessing
 from netmeld.methods import get_method, list_methods
 from netmeld.methods.meld import extract
@@ -275,9 +275,13 @@ def affine_ceiling(concat: Any, features: list[torch.Tensor], targets: torch.Ten
     return max(start, accuracy())
 
 
+REPORTS: list[Any] = []  # the last scenario's full reports (for --report)
+
+
 def run_scenario(sc: Scenario, seed: int, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
     """Union accuracy etc. of every method and the oracle on one scenario."""
     results: dict[str, Any] = {}
+    REPORTS.clear()
     concat = netmeld.meld(sc.members, "concat", input_shape=input_shape)
     test_x, test_labels = sc.test
     # methods fit heads and the union head only: the trunk outputs are shared by all of them
@@ -303,6 +307,8 @@ def run_scenario(sc: Scenario, seed: int, input_shape: tuple[int, ...] | None) -
         with torch.no_grad():
             union = model.logits_from(model.outputs_from_features(cached.features))
         r = metrics_from_logits(name, union, targets, model.labels, model.label_members)
+        r.model, r.parameters = model_summary(model), model.num_parameters
+        REPORTS.append(r)
         results[name] = {
             "acc": r.union_accuracy,
             "confusion": r.task_confusion,
@@ -314,6 +320,8 @@ def run_scenario(sc: Scenario, seed: int, input_shape: tuple[int, ...] | None) -
         ologits = oracle.heads["oracle"](cached.features[0])
     otargets = torch.tensor([oracle.labels.index(label) for label in test_labels])
     r = metrics_from_logits("oracle", ologits, otargets, oracle.labels, oracle.label_members)
+    r.model, r.parameters = model_summary(oracle), oracle.num_parameters
+    REPORTS.append(r)
     results["oracle"] = {"acc": r.union_accuracy, "confusion": 0.0, "ece": r.ece, "fit_s": 0.0}
     ceiling = affine_ceiling(concat, cached.features, targets)
     results["affine ceiling"] = {"acc": ceiling, "confusion": 0.0, "ece": 0.0, "fit_s": 0.0}
@@ -343,6 +351,12 @@ def main() -> None:
     parser.add_argument("--cifar-train-per-class", type=int, default=500)
     parser.add_argument("--cifar-test-per-class", type=int, default=300)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FOLDER",
+        help="also write an HTML report of every scenario and seed into FOLDER",
+    )
     parser.add_argument(
         "--splits", nargs="+", choices=list(SPLITS), help="run only these splits (default: all)"
     )
@@ -389,6 +403,15 @@ def main() -> None:
                 start = time.perf_counter()
                 sc = source.build(splits, seed)
                 runs.append(run_scenario(sc, seed, source.input_shape))
+                if args.report:
+                    name = f"{key}-{split_name.replace(' ', '-')}-seed{seed}.html"
+                    Reports(REPORTS).to_html(
+                        args.report / name,
+                        title=f"{source.name}, {split_name}, seed {seed}",
+                        source=f"benchmarks/union_heads.py, {source.name} test set",
+                        baseline="concat",
+                        oracle="oracle",
+                    )
                 print(
                     f"  {source.name}, {split_name}, seed {seed}: "
                     f"{time.perf_counter() - start:.0f} s",

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "netmeld.model": 3,
     "netmeld.methods": 4,
     "netmeld.evaluate": 4,
+    "netmeld.html_report": 4,
     "netmeld.predict": 4,
     "netmeld.cli": 5,
     "netmeld.demo": 5,

@@ -16,8 +16,9 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,59 @@ class Report:
     batch_size: int | None = None
     gate_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # the model's union labels, in order
+    label_members: dict[str, list[str]] = field(default_factory=dict)
+    confusion: list[list[int]] = field(default_factory=list)  # [true][predicted] counts
+    calibration: dict[str, list[float]] = field(default_factory=dict)  # per confidence bin
+    unknown: dict[str, int] = field(default_factory=dict)  # left-out examples per label
+    model: dict[str, Any] = field(default_factory=dict)  # method, members, netmeld version
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """A report from :meth:`to_dict`'s output (e.g. ``netmeld eval --json``); an unknown
+        or missing key is a :class:`DataError`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DataError(f"report: unknown key {unknown[0]!r}; expected {sorted(names)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:
+            raise DataError(f"report: {exc}") from exc
+
+    def per_label(self) -> list[dict[str, Any]]:
+        """Precision, recall and support of every label, from :attr:`confusion`."""
+        rows = []
+        for i, label in enumerate(self.labels):
+            support = sum(self.confusion[i]) if self.confusion else 0
+            predicted = sum(r[i] for r in self.confusion) if self.confusion else 0
+            hits = self.confusion[i][i] if self.confusion else 0
+            rows.append(
+                {
+                    "label": label,
+                    "members": list(self.label_members.get(label, [])),
+                    "support": support,
+                    "precision": hits / predicted if predicted else None,
+                    "recall": hits / support if support else None,
+                }
+            )
+        return rows
+
+    def to_html(self, path: str | Path, **options: Any) -> Path:
+        """This report as one self-contained HTML file (see :mod:`netmeld.html_report`)."""
+        from netmeld.html_report import write_html
+
+        return write_html([self], path, **options)
+
+    def accuracy_on(self, labels: Sequence[str]) -> float | None:
+        """Accuracy on the examples whose true label is one of ``labels`` (from the confusion
+        matrix); ``None`` without such examples."""
+        at = [self.labels.index(label) for label in labels if label in self.labels]
+        total = sum(sum(self.confusion[i]) for i in at)
+        return sum(self.confusion[i][i] for i in at) / total if total else None
 
     def __str__(self) -> str:
         members = " / ".join(f"{k} {100 * v:.1f}%" for k, v in self.member_accuracy.items())
@@ -65,19 +116,37 @@ class Report:
         return text
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+def calibration_bins(
+    probs: torch.Tensor, targets: torch.Tensor, bins: int = 15
+) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: its edges, example count, mean confidence and accuracy
+    (the reliability diagram's numbers)."""
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == targets).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    out: dict[str, list[float]] = {"edges": edges.tolist(), "count": [], "confidence": []}
+    out["accuracy"] = []
     for lo, hi in itertools.pairwise(edges):
         inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            ece += (
-                inside.float().mean() * (confidence[inside].mean() - correct[inside].mean()).abs()
+        n = int(inside.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(confidence[inside].mean()) if n else 0.0)
+        out["accuracy"].append(float(correct[inside].mean()) if n else 0.0)
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+    table = calibration_bins(probs, targets, bins)
+    n = max(sum(table["count"]), 1)
+    return float(
+        sum(
+            c / n * abs(conf - acc)
+            for c, conf, acc in zip(
+                table["count"], table["confidence"], table["accuracy"], strict=True
             )
-    return float(ece)
+        )
+    )
 
 
 def metrics_from_logits(
@@ -108,13 +177,20 @@ def metrics_from_logits(
         and not (knows[labels[int(t)]] & knows[labels[int(p)]])
         for t, p in zip(targets.tolist(), predicted.tolist(), strict=True)
     ]
+    probs = logits.softmax(dim=1)
+    k = len(labels)
+    confusion = torch.bincount(targets * k + predicted, minlength=k * k).reshape(k, k)
     return Report(
         name=name,
         examples=len(targets),
         union_accuracy=float((predicted == targets).float().mean()),
         member_accuracy=member_accuracy,
         task_confusion=sum(confused) / max(len(confused), 1),
-        ece=expected_calibration_error(logits.softmax(dim=1), targets),
+        ece=expected_calibration_error(probs, targets),
+        labels=list(labels),
+        label_members={label: list(label_members[label]) for label in labels},
+        confusion=confusion.tolist(),
+        calibration=calibration_bins(probs, targets),
     )
 
 
@@ -170,18 +246,26 @@ def evaluate(
     cache: bool | str | Path | FeatureCache | None = True,
     workers: int | None = None,
     skip_unreadable: bool = False,
+    unknown: str = "error",
     progress: bool | None = None,
 ) -> Report:
     """Evaluate ``model`` on labeled ``data`` (``(inputs, label_names)``, a label folder, a
     labeled CSV or Dataset), read batch by batch.
+
+    ``unknown``: what to do with examples of labels the model does not know: ``"error"``, or
+    ``"skip"`` them, counted per label in :attr:`Report.unknown` (to compare models with
+    different label sets, e.g. before and after :func:`~netmeld.extend`).
 
     The members run on ``device`` (``auto``: the GPU when there is one; ``precision`` ``bf16``
     or ``fp16`` autocasts them). Their head inputs go through the feature cache (``cache``:
     the process's, a folder's, or ``False``), so evaluating several models of the same members
     runs each trunk once. Under ``torchrun`` each process reads its share of the data and
     every process gets the whole report."""
+    if unknown not in ("error", "skip"):
+        raise DataError(f"unknown={unknown!r}: expected 'error' or 'skip'")
     stream = _evaluation_stream(data, model, skip_unreadable)
-    stream.check_labels(model.labels)
+    if unknown == "error":
+        stream.check_labels(model.labels)
     dev = resolve_device(device)
     model.eval()
     if model.reads_input:
@@ -202,6 +286,18 @@ def evaluate(
         )
         logits, gates = _from_features(model, extracted.features, batch_size)
         labels = extracted.labels or []
+    known = set(model.labels)
+    left_out = Counter(label for label in labels if label not in known)
+    if left_out:
+        keep = torch.tensor([label in known for label in labels])
+        if not keep.any():
+            raise DataError(
+                f"{stream.source}: none of its labels ({', '.join(sorted(left_out)[:5])}) is "
+                "known to the model"
+            )
+        logits = logits[keep]
+        gates = None if gates is None else gates[keep]
+        labels = [label for label in labels if label in known]
     targets = stream.label_indices(labels, model.labels)
     report = metrics_from_logits(
         name or str(model.method.get("name", "model")),
@@ -212,6 +308,8 @@ def evaluate(
     )
     if gates is not None:
         report.gate_accuracy = gate_accuracy(model, gates, targets)
+    report.unknown = dict(sorted(left_out.items()))
+    report.model = model_summary(model)
     report.parameters = model.num_parameters
     if latency:
         first = next(stream.batches(batch_size, workers=0, progress=False))
@@ -219,6 +317,27 @@ def evaluate(
         with on_device(model, dev):
             report.latency_ms = measure_latency(model, first.inputs.to(dev))
     return report
+
+
+def model_summary(model: CombinedModel) -> dict[str, Any]:
+    """What made ``model``: its method (parameters, what it fitted), members, extension and
+    the netmeld version; what a report needs to be reproducible."""
+    from netmeld._version import __version__
+
+    return {
+        "method": dict(model.method),
+        "members": [
+            {
+                "name": m.name,
+                "labels": len(m.labels),
+                "architecture": None if m.architecture is None else m.architecture.spec,
+            }
+            for m in model.members
+        ],
+        "extension": None if model.extension is None else list(model.extension.labels),
+        "router": model.union.router is not None and model.combiner is None,
+        "netmeld_version": __version__,
+    }
 
 
 def _from_features(
@@ -290,15 +409,18 @@ def compare(
     cache: bool | str | Path | FeatureCache | None = True,
     workers: int | None = None,
     skip_unreadable: bool = False,
+    unknown: str = "skip",
     progress: bool | None = None,
-) -> list[Report]:
+) -> Reports:
     """Evaluate several models on the same data; one report each, in the given order. Models
-    of the same members share their head inputs through the feature cache."""
+    of the same members share their head inputs through the feature cache. Models with
+    different label sets are each measured on the labels they know; the examples of the others
+    are counted in :attr:`Report.unknown` (``unknown="error"`` refuses them instead)."""
     first = next(iter(models.values()), None)
     if first is None:
-        return []
+        return Reports()
     stream = _evaluation_stream(data, first, skip_unreadable)
-    return [
+    return Reports(
         evaluate(
             m,
             stream,
@@ -309,10 +431,29 @@ def compare(
             precision=precision,
             cache=cache,
             workers=workers,
+            unknown=unknown,
             progress=progress,
         )
         for name, m in models.items()
-    ]
+    )
+
+
+class Reports(list[Report]):
+    """Several models' reports on one data set (what :func:`compare` returns)."""
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the raw numbers (``netmeld report FILE`` rebuilds the HTML from them)."""
+        import json
+
+        path = Path(path)
+        path.write_text(json.dumps([r.to_dict() for r in self], indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def to_html(self, path: str | Path, **options: Any) -> Path:
+        """One self-contained HTML report of these models (see :mod:`netmeld.html_report`)."""
+        from netmeld.html_report import write_html
+
+        return write_html(list(self), path, **options)
 
 
 def render_table(
@@ -335,6 +476,9 @@ def render_table(
     table.add_column("ECE", justify="right")
     table.add_column("params", justify="right")
     table.add_column("ms/batch", justify="right")
+    left_out = any(r.unknown for r in reports)
+    if left_out:
+        table.add_column("left out", justify="right")
     for r in reports:
         row = [r.name, f"{100 * r.union_accuracy:.1f}%"]
         if ref is not None:
@@ -352,5 +496,7 @@ def render_table(
             f"{r.parameters:,}" if r.parameters is not None else "-",
             f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-",
         ]
+        if left_out:
+            row.append(str(sum(r.unknown.values())))
         table.add_row(*row)
     return table

@@ -237,12 +237,16 @@ def cmd_merge_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from netmeld.evaluate import compare, render_table
+    from netmeld.evaluate import Reports, compare, render_table
     from netmeld.model.artifact import load
 
     runtime = _runtime(args)
     models = {str(path): load(path) for path in args.models}
     named = {f"{name} ({m.method.get('name')})": m for name, m in models.items()}
+    oracle = None
+    if args.oracle is not None:
+        oracle = f"{args.oracle} (oracle)"
+        named[oracle] = load(args.oracle)
     with _process_group() as rank:
         reports = compare(
             named,
@@ -253,11 +257,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         if rank != 0:
             return 0
-    if args.json:
+    if args.json == "-":
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
-        n = reports[0].examples if reports else 0
+        n = reports[0].examples + sum(reports[0].unknown.values()) if reports else 0
         console.print(render_table(reports, title=f"{n} examples from {args.data}"))
+        _print_label_sets(reports)
+        if args.per_class:
+            _print_per_class(reports)
+    if args.json not in (None, "-"):
+        Reports(reports).to_json(args.json)
+        console.print(f"wrote the numbers to [bold]{args.json}[/bold]")
+    if args.report is not None:
+        Reports(reports).to_html(args.report, source=str(args.data), oracle=oracle)
+        console.print(f"wrote the report to [bold]{args.report}[/bold]")
+    return 0
+
+
+def _print_label_sets(reports: Sequence[Any]) -> None:
+    """When the models know different labels: accuracy on the labels they all know."""
+    sets = [set(r.labels) for r in reports]
+    if len(reports) < 2 or all(s == sets[0] for s in sets):
+        return
+    common = [label for label in reports[0].labels if all(label in s for s in sets)]
+    _print_table(
+        f"the models know different labels: accuracy on the {len(common)} they all know",
+        ("model", "accuracy (shared labels)", "left out (unknown labels)"),
+        (
+            (
+                r.name,
+                "-" if r.accuracy_on(common) is None else f"{100 * r.accuracy_on(common):.1f}%",
+                ", ".join(f"{k} ({v})" for k, v in r.unknown.items()) or "-",
+            )
+            for r in reports
+        ),
+    )
+
+
+def _print_per_class(reports: Sequence[Any]) -> None:
+    labels = list(dict.fromkeys(label for r in reports for label in r.labels))
+    recall = [{row["label"]: row["recall"] for row in r.per_label()} for r in reports]
+    _print_table(
+        "recall per label",
+        ("label", *(r.name for r in reports)),
+        (
+            (
+                label,
+                *("-" if rec.get(label) is None else f"{100 * rec[label]:.1f}%" for rec in recall),
+            )
+            for label in labels
+        ),
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from netmeld.errors import DataError
+    from netmeld.evaluate import Report, Reports
+
+    path = Path(args.results)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{str(path)!r}: cannot read the results ({exc})") from exc
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise DataError(f"{str(path)!r}: expected a JSON list of reports (netmeld eval --json)")
+    reports = Reports(Report.from_dict(r) for r in raw)
+    reports.to_html(args.output, source=str(path), oracle=args.oracle, baseline=args.baseline)
+    console.print(f"wrote the report of {len(reports)} models to [bold]{args.output}[/bold]")
     return 0
 
 

@@ -272,11 +272,51 @@ def _eval(sub: Any) -> None:
         default=256,
         help="batch size for evaluation and latency (default: %(default)s)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the raw numbers as JSON to FILE (no FILE: print them instead of the table); "
+        "'netmeld report FILE' turns them into an HTML report later",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="also write a self-contained HTML report with plots (needs matplotlib: "
+        "pip install 'netmeld[report]')",
+    )
+    p.add_argument(
+        "--oracle",
+        metavar="MODEL",
+        help="a model folder evaluated too and drawn as the oracle's line (e.g. a jointly "
+        "trained model)",
+    )
+    p.add_argument(
+        "--per-class", action="store_true", help="also print each label's recall per model"
+    )
     _skip_unreadable_argument(p)
     _run_arguments(p)
     _trust_argument(p)
     p.set_defaults(func=commands.cmd_eval)
+
+
+def _report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="turn 'netmeld eval --json' results into an HTML report",
+        description="Rebuild the self-contained HTML report of RESULTS (written by netmeld eval "
+        "--json FILE, or Reports.to_json) without running any model.",
+    )
+    p.add_argument("results", help="the JSON results file")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.html", help="the report")
+    p.add_argument("--oracle", metavar="NAME", help="the report drawn as the oracle's line")
+    p.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="the report drawn as the baseline's line (default: a model of method concat)",
+    )
+    p.set_defaults(func=commands.cmd_report)
 
 
 def _extend(sub: Any) -> None:
@@ -456,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         _predict,
         _stats,
         _inspect,
+        _report,
     ):
         add(sub)
     return parser

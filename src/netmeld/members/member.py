@@ -485,9 +485,19 @@ class Member:
         warning: pass ``labels``); preprocessing from ``preprocessor_config.json``. The folder
         is checked first (see :mod:`netmeld.io.hf`): custom code and pickled weights are refused.
         """
+        from netmeld.io.hf import HF_BUILDER
         from netmeld.members.pretrained import read_pretrained
 
-        return read_pretrained(cls, path, labels, name=name, preprocessing=preprocessing)
+        names = None if labels is None else list(read_labels(labels))
+        parts = read_pretrained(path, names, name=name, preprocessing=preprocessing)
+        return cls(
+            parts.module,
+            parts.labels,
+            name=parts.name,
+            preprocessing=parts.preprocessing,
+            architecture=Architecture(HF_BUILDER, parts.builder_kwargs),
+            head="head",
+        )
 
     @classmethod
     def from_timm(

@@ -1,9 +1,9 @@
 """Members from Hugging Face ``save_pretrained`` folders (:meth:`Member.from_pretrained`).
 
-The folder is read and checked by :mod:`netmeld.io.hf`; this module turns it into a member:
-labels from ``id2label``, preprocessing from the image processor (or, for text, the
-tokenizer), and an :class:`~netmeld.members.member.Architecture` that rebuilds the model from
-its config alone, so a saved combined model needs neither the folder nor pickle.
+The folder is read and checked by :mod:`netmeld.io.hf`; this module turns it into a member's
+parts: labels from ``id2label``, preprocessing from the image processor (or, for text, the
+tokenizer), and the builder arguments that rebuild the model from its config alone, so a saved
+combined model needs neither the folder nor pickle.
 """
 
 from __future__ import annotations
@@ -11,27 +11,36 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from netmeld.data.text import TEXT_SHAPE
 from netmeld.errors import MemberError
 from netmeld.io import hf
 
-if TYPE_CHECKING:
-    from netmeld.members.member import Member, Preprocessing
+
+@dataclass
+class PretrainedParts:
+    """What a member is made of, read from a ``save_pretrained`` folder."""
+
+    module: nn.Module
+    labels: list[str]
+    name: str
+    preprocessing: Any  # a Preprocessing, or its dict
+    builder_kwargs: dict[str, Any]  # of hf.HF_BUILDER: rebuilds the module from its config
 
 
 def read_pretrained(
-    cls: type[Member],
     path: str | Path,
-    labels: Sequence[str] | str | Path | None,
+    labels: Sequence[str] | None,
     *,
     name: str | None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None,
-) -> Member:
-    from netmeld.members.member import Architecture
-
+    preprocessing: Any,
+) -> PretrainedParts:
+    """Read and check the folder at ``path``; ``labels`` replace ``id2label``'s names."""
     folder = Path(path)
     if not folder.is_dir():
         raise MemberError(f"{str(folder)!r} is not a folder (a save_pretrained folder expected)")
@@ -55,22 +64,13 @@ def read_pretrained(
         preprocessing = hf.image_preprocessing(folder, config)
     model = hf.load_pretrained(folder, settings, task)
     module = hf.split_model(model, task, where, tokenizer, kwargs.get("text"))
-    return cls(
-        module.eval(),
-        label_names,
-        name=name,
-        preprocessing=preprocessing,
-        architecture=Architecture(hf.HF_BUILDER, kwargs),
-        head="head",
-    )
+    return PretrainedParts(module.eval(), label_names, name, preprocessing, kwargs)
 
 
-def _labels(config: Mapping[str, Any], given: Any, where: str) -> list[str]:
-    from netmeld.members.member import read_labels
-
+def _labels(config: Mapping[str, Any], given: Sequence[str] | None, where: str) -> list[str]:
     names = hf.read_labels(config, where)
     if given is not None:
-        chosen = list(read_labels(given))
+        chosen = list(given)
         if len(chosen) != len(names):
             raise MemberError(
                 f"{where}: {len(chosen)} labels given for a classifier with {len(names)} outputs"
