@@ -264,3 +264,29 @@ def test_a_text_recipe_melds_and_evaluates_from_the_cli(topic_members, tmp_path,
     assert main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "t.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)[0]
     assert report["examples"] == 40
+
+
+def test_ensembles_stacking_extension_and_distillation_read_texts(tmp_path):
+    root = tmp_path
+    base = save_text_classifier(root / "base", "bert", ["x", "y"])
+    save_text_classifier(root / "a", "bert", ["animal", "person"], seed=1, backbone=base)
+    save_text_classifier(root / "b", "bert", ["person", "review"], seed=2, backbone=base)
+    members = [netmeld.Member.from_pretrained(root / n) for n in ("a", "b")]
+    texts, labels = sentences(60)
+    mean = netmeld.meld(members, "mean")
+    assert mean.labels == ["animal", "person", "review"]  # 'person' from both
+    with torch.no_grad():
+        probs = mean(texts[:5]).exp()
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    stack = netmeld.meld(members, "stack", (texts, labels))
+    assert netmeld.evaluate(stack, (texts, labels), latency=False).examples == 60
+    concat = netmeld.meld(members, "concat")
+    extended = netmeld.extend(concat, (["the fish swims", "a fish"] * 3, ["fish"] * 6), steps=0)
+    assert extended.labels == ["animal", "person", "review", "fish"]
+    with torch.no_grad():  # the old labels' logits are untouched by the extension
+        torch.testing.assert_close(extended(texts[:8])[:, :3], concat(texts[:8]))
+    student = netmeld.distill(concat, texts, epochs=1)
+    assert student.labels == concat.labels
+    loaded = netmeld.load(student.save(tmp_path / "student"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(texts[:4]), student(texts[:4]))

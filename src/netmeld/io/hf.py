@@ -254,13 +254,19 @@ def hf_classifier(
     task: str,
     files: dict[str, str] | None = None,
     text: dict[str, Any] | None = None,
+    num_classes: int | None = None,
 ) -> HFClassifier:
     """The builder a saved combined model names (``netmeld.io.hf:hf_classifier``): the
     classifier ``config`` describes, fresh weights, split at its classification layer.
     ``files``: the folder's preprocessor and tokenizer files (``tokenizer.json`` is what a text
-    member tokenises with); ``text``: its truncation and padding."""
+    member tokenises with); ``text``: its truncation and padding; ``num_classes``: another
+    number of outputs (a student over the union of the labels, say)."""
     if task not in TASKS:
         raise MemberError(f"transformers member: task {task!r}, expected 'image' or 'text'")
+    if num_classes is not None and num_classes != len(config.get("id2label") or {}):
+        config = dict(config)
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_classes)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_classes)}
     where = "a transformers member's config"
     tokenizer = (files or {}).get("tokenizer.json") if task == "text" else None
     return split_model(build_model(config, task, where), task, where, tokenizer, text)
