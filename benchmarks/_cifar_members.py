@@ -21,7 +21,7 @@ import torch
 import netmeld
 from netmeld.demo.scenarios import features_of, train_linear_head
 from netmeld.members.member import Member, Preprocessing
-from netmeld.model.combined import MemberOutputs
+from netmeld.model.heads import MemberOutputs
 from netmeld.model.inputs import Preprocess
 
 MEAN, STD = 127.0 / 255.0, 128.0 / 255.0

@@ -28,14 +28,13 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from netmeld._version import __version__
 from netmeld.errors import DataError
 
-if TYPE_CHECKING:
-    from netmeld.evaluate import Report
-
+# a report is a netmeld.evaluate.Report (not imported: the evaluation imports this module)
+Report = Any
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 1200px; color: #222; padding: 0 1em; }

@@ -239,14 +239,25 @@ def load_keras(model: Any) -> tuple[Any, str | None]:
 
 
 def wrap_keras(
-    model: Any, output: str | int | None, num_classes: int, source: str | None
+    model: Any,
+    output: str | int | None,
+    num_classes: int,
+    source: str | None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> tuple[KerasClassifier, dict[str, Any]]:
     """The Keras model as a :class:`KerasClassifier` on one output, and the builder keyword
-    arguments (JSON config, output name) that rebuild it."""
+    arguments (JSON config, output name) that rebuild it. ``input_shape``, the member's
+    preprocessing's, must be the model's (channels first)."""
     try:
         module = KerasClassifier.wrap(model, output, num_classes)
     except MemberError as exc:
         raise MemberError(f"{source or 'Keras model'}: {exc}") from exc
+    if input_shape is not None and tuple(input_shape) != module.input_shape:
+        raise MemberError(
+            f"{source or 'Keras model'}: preprocessing input_shape {tuple(input_shape)} does "
+            f"not fit the model, which reads {module.input_shape} (channels first; netmeld "
+            "resizes other inputs to it)"
+        )
     return module, {"config": model.to_json(), "output": module.output_name}
 
 

@@ -391,19 +391,10 @@ class Member:
 
         keras_model, source = load_keras(model)
         label_names = read_labels(labels)
-        module, kwargs = wrap_keras(keras_model, output, len(label_names), source)
-        if preprocessing is not None:
-            given = (
-                Preprocessing.from_dict(preprocessing)
-                if isinstance(preprocessing, Mapping)
-                else preprocessing
-            )
-            if given.input_shape != module.input_shape:
-                raise MemberError(
-                    f"{source or 'Keras model'}: preprocessing input_shape {given.input_shape} "
-                    f"does not fit the model, which reads {module.input_shape} (channels "
-                    "first; netmeld resizes other inputs to it)"
-                )
+        if isinstance(preprocessing, Mapping):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        shape = None if preprocessing is None else preprocessing.input_shape
+        module, kwargs = wrap_keras(keras_model, output, len(label_names), source, shape)
         return cls(
             module,
             label_names,

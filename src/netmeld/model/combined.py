@@ -20,7 +20,6 @@ import copy
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from netmeld.members.graph import (
 )
 from netmeld.members.member import Member
 from netmeld.members.rebuild import check_rebuilds
-from netmeld.model.heads import Combiner, Extension
+from netmeld.model.heads import Combiner, Extension, MemberOutputs
 from netmeld.model.inputs import Preprocess, check_input_shapes, resolve_columns
 
 FORMAT_VERSION = 2
@@ -193,15 +192,6 @@ def _set_fitted(owner: nn.Module, name: str, target: torch.Tensor, value: torch.
     if not torch.isfinite(value).all():
         raise MethodError(f"{type(owner).__name__}.{name}: the fitted value is not finite")
     target.copy_(value)
-
-
-@dataclass
-class MemberOutputs:
-    """What one forward pass computes before the union head."""
-
-    features: list[torch.Tensor]  # each member's head input, member order
-    logits: list[torch.Tensor]  # each member's raw logits, member order
-    router_input: torch.Tensor  # each distinct feature vector once, for a router
 
 
 def union_labels(members: Sequence[Member]) -> tuple[list[str], dict[str, list[str]]]:

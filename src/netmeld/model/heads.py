@@ -1,7 +1,7 @@
 """Heads that replace the union head: ensembles, stacking, a new head on the members' features,
 and the few-shot class extension that can sit on top of any of them.
 
-A combiner reads one forward pass of the members (:class:`~netmeld.combined.MemberOutputs`) and
+A combiner reads one forward pass of the members (:class:`MemberOutputs`) and
 the raw input, and returns logits over its labels. Each kind is saved as its ``config()`` in
 ``netmeld.json`` plus its tensors, and rebuilt by :func:`combiner_from_config` (no pickle).
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,15 @@ from torch import nn
 
 from netmeld.errors import MethodError, ModelFileError
 
-if TYPE_CHECKING:
-    from netmeld.model.combined import MemberOutputs
+
+@dataclass
+class MemberOutputs:
+    """What one forward pass computes before the union head."""
+
+    features: list[torch.Tensor]  # each member's head input, member order
+    logits: list[torch.Tensor]  # each member's raw logits, member order
+    router_input: torch.Tensor  # each distinct feature vector once, for a router
+
 
 ENSEMBLE_MODES = ("mean", "vote", "max")
 UNKNOWN_RULES = ("renormalize", "zero")
