@@ -383,3 +383,30 @@ def test_the_wrong_library_is_named(tmp_path):
     model = netmeld.meld(_torchvision_members(), "concat")
     with pytest.raises(netmeld.ExportError, match="--format timm needs members that are timm"):
         netmeld.export(model, tmp_path / "out", format="timm")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # EfficientNet's default include_top divides by image_std a second time
+        {"include_top": False},
+        {"rescale_offset": True, "rescale_factor": 1 / 127.5, "do_normalize": False},
+        {"do_rescale": False},
+    ],
+)
+def test_image_processor_settings_give_the_processors_own_inputs(settings, tmp_path):
+    import numpy as np
+
+    from netmeld.io.hf import image_preprocessing
+
+    proc = transformers.EfficientNetImageProcessor(
+        size={"height": 8, "width": 8}, image_mean=MEAN, image_std=STD, **settings
+    )
+    proc.save_pretrained(tmp_path)
+    pre = image_preprocessing(tmp_path, {"num_channels": 3})
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    theirs = proc(pixels, return_tensors="pt")["pixel_values"][0]
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+    if "mean" in pre:
+        x = (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
+    torch.testing.assert_close(x, theirs, atol=1e-4, rtol=1e-4)

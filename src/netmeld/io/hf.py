@@ -359,15 +359,27 @@ def image_preprocessing(folder: Path, config: Mapping[str, Any]) -> dict[str, An
     if len(hw) != 2 or not all(isinstance(v, int) and 0 < v <= 8192 for v in hw):
         raise MemberError(f"{where}: 'size' must give height and width, got {size!r}")
     out: dict[str, Any] = {"input_shape": [channels, *hw]}
-    scale = 1.0 if proc.get("do_rescale", True) else 255.0
+    # the model reads x * k - offset (x: netmeld's image in [0, 1]), normalised by mean and std
+    # (EfficientNet's include_top divides by std once more)
+    rescale = proc.get("do_rescale", True)
+    factor = proc.get("rescale_factor", 1 / 255) if rescale else 1.0
+    if not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise MemberError(f"{where}: rescale_factor must be a positive number, got {factor!r}")
+    k = 255.0 * float(factor)
+    offset = 1.0 if rescale and proc.get("rescale_offset") else 0.0
+    mean, std = [0.0], [1.0]
     if proc.get("do_normalize", True) and "image_mean" in proc and "image_std" in proc:
         mean, std = proc["image_mean"], proc["image_std"]
         if not isinstance(mean, list) or not isinstance(std, list):
             raise MemberError(f"{where}: image_mean and image_std must be lists")
-        out["mean"] = [float(v) / scale for v in mean]
-        out["std"] = [float(v) / scale for v in std]
-    elif scale != 1.0:
-        out["mean"], out["std"] = [0.0], [1.0 / 255.0]
+    if proc.get("include_top") and isinstance(proc.get("image_std"), list):
+        top = [float(v) for v in proc["image_std"]]
+        base = std if len(std) == len(top) else [float(std[0])] * len(top)
+        std = [float(a) * b for a, b in zip(base, top, strict=True)]
+    means = [(float(v) + offset) / k for v in mean]
+    stds = [float(v) / k for v in std]
+    if means != [0.0] or stds != [1.0]:
+        out["mean"], out["std"] = means, stds
     return out
 
 

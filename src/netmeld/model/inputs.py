@@ -62,10 +62,15 @@ class Preprocess(nn.Module):
                 else:  # 3 -> 1: ITU-R 601 luma
                     w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
                     x = (x * w.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-        if len(self.target_shape) == 3 and (
-            tuple(x.shape[2:]) != self.target_shape[1:] or torch.onnx.is_in_onnx_export()
-        ):  # any image size is resized to the member's (an ONNX file keeps the resize)
-            x = F.interpolate(x, size=self.target_shape[1:], mode="bilinear", align_corners=False)
+        if len(self.target_shape) == 3:  # any image size is resized to the member's
+            resize = self.input_shape[1:] != self.target_shape[1:]
+            if not resize and not isinstance(x, torch.fx.Proxy):  # fx traces the static rule
+                # an ONNX file keeps the resize, so it takes any size
+                resize = torch.onnx.is_in_onnx_export() or x.shape[2:] != self.target_shape[1:]
+            if resize:
+                x = F.interpolate(
+                    x, size=self.target_shape[1:], mode="bilinear", align_corners=False
+                )
         if self.normalize:
             x = (x - self.mean) / self.std
         return x
