@@ -106,29 +106,36 @@ def meld(
         extracted, targets = _from_data(model, info, stream, run)
         if unlabeled is not None:
             extracted.unlabeled = _unlabeled(model, info, unlabeled, run, skip_unreadable)
-    n_examples = 0
-    if extracted is not None:
-        stats = extracted.statistics
-        n_examples = sum(s.examples for s in stats) if stats else len(extracted)
-        if extracted.unlabeled is not None:
-            n_examples += len(extracted.unlabeled)
     with seeded(seed):  # the caller's generators (CPU and GPU) are left as they were
         info.fit(model, extracted, targets, checked)
+    _check_finite(model, method)
+    model.method = {
+        "name": method,
+        "data": info.data,
+        "params": checked.model_dump(),
+        "examples": _examples(extracted),
+        "seed": seed,
+        "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
+    }
+    return model.eval()
+
+
+def _examples(extracted: Extracted | None) -> int:
+    """How many examples (or, from statistics, the statistics' examples) a fit read."""
+    if extracted is None:
+        return 0
+    stats = extracted.statistics
+    n = sum(s.examples for s in stats) if stats else len(extracted)
+    return n + (0 if extracted.unlabeled is None else len(extracted.unlabeled))
+
+
+def _check_finite(model: CombinedModel, method: str) -> None:
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise MethodError(
                 f"method {method!r} fitted non-finite values into {name!r} (the fit diverged); "
                 "lower its learning rate or give more data"
             )
-    model.method = {
-        "name": method,
-        "data": info.data,
-        "params": checked.model_dump(),
-        "examples": n_examples,
-        "seed": seed,
-        "fitted": model.method.get("fitted", {}),  # what the method chose, if anything
-    }
-    return model.eval()
 
 
 def _unlabeled(
