@@ -195,6 +195,10 @@ def test_hostile_or_foreign_folders_are_refused(pets_people, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(netmeld.MemberError, match=r"config\.json' is not valid JSON"):
         netmeld.Member.from_pretrained(broken)
+    text = (root / "pets" / "config.json").read_text()
+    (broken / "config.json").write_text(text.replace("{", '{"model_type": "bert", ', 1))
+    with pytest.raises(netmeld.MemberError, match="'model_type' appears twice"):
+        netmeld.Member.from_pretrained(broken)
 
 
 def test_a_recipe_member_from_an_hf_folder(pets_people, tmp_path):

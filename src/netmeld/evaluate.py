@@ -446,7 +446,9 @@ class Reports(list[Report]):
         import json
 
         path = Path(path)
-        path.write_text(json.dumps([r.to_dict() for r in self], indent=2) + "\n", encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed into place
+        tmp.write_text(json.dumps([r.to_dict() for r in self], indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
         return path
 
     def to_html(self, path: str | Path, **options: Any) -> Path:

@@ -19,7 +19,6 @@ backbone) share it and a combined model runs it once; a fine-tuned backbone shar
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from netmeld.errors import CheckpointError, MemberError, UntrustedCodeError
-from netmeld.io.shards import CheckpointReader
+from netmeld.io.shards import BadJson, CheckpointReader, strict_json
 
 HF_BUILDER = "netmeld.io.hf:hf_classifier"
 TASKS = {
@@ -49,22 +48,19 @@ def transformers_module() -> Any:
     return transformers
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_json(path: Path) -> dict[str, Any]:
-    """A strict JSON object from ``path`` (at most 16 MiB; no NaN); errors name the file."""
+    """A strict JSON object from ``path`` (at most 16 MiB; no NaN, no key twice); errors name
+    the file."""
     where = repr(str(path))
     if not path.is_file():
         raise MemberError(f"{where} does not exist")
     if path.stat().st_size > MAX_JSON_BYTES:
         raise MemberError(f"{where} is larger than {MAX_JSON_BYTES:,} bytes")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+        data = strict_json(path.read_bytes())
     except UnicodeDecodeError as exc:
         raise MemberError(f"{where} is not UTF-8 text: {exc}") from exc
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, BadJson) as exc:
         raise MemberError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise MemberError(f"{where}: expected a JSON object, got {type(data).__name__}")
@@ -99,15 +95,24 @@ def check_config(config: Mapping[str, Any], where: str) -> str:
     )
 
 
-def build_model(config: Mapping[str, Any], task: str, where: str) -> nn.Module:
-    """The transformers classifier ``config`` describes, with fresh weights."""
+def _config_and_class(config: Mapping[str, Any], task: str, where: str) -> tuple[Any, Any]:
+    """transformers' config object for ``config`` (checked first) and the Auto class of
+    ``task``."""
     transformers = transformers_module()
     check_config(config, where)
     settings = dict(config)
     model_type = settings.pop("model_type")
     try:
         cfg = transformers.AutoConfig.for_model(model_type, **settings)
-        auto = getattr(transformers, TASKS[task][1])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MemberError(f"{where}: transformers cannot read this config: {exc}") from exc
+    return cfg, getattr(transformers, TASKS[task][1])
+
+
+def build_model(config: Mapping[str, Any], task: str, where: str) -> nn.Module:
+    """The transformers classifier ``config`` describes, with fresh weights."""
+    cfg, auto = _config_and_class(config, task, where)
+    try:
         model = auto.from_config(cfg)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise MemberError(f"{where}: transformers cannot build this config: {exc}") from exc
@@ -225,12 +230,13 @@ class HFClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
-    def transformers_model(self) -> nn.Module:
-        """The wrapped transformers model with its classification layer put back (a copy)."""
+    def transformers_model(self, head: nn.Linear | None = None) -> nn.Module:
+        """A copy of the wrapped transformers model with its classification layer put back
+        (or ``head`` in its place)."""
         import copy
 
         model = copy.deepcopy(self.body.model)
-        model.set_submodule(self.head_name, copy.deepcopy(self.head))
+        model.set_submodule(self.head_name, copy.deepcopy(self.head if head is None else head))
         return model
 
 
@@ -288,18 +294,13 @@ def load_pretrained(folder: Path, config: Mapping[str, Any], task: str) -> nn.Mo
     knows its own checkpoint key names) after netmeld checked every safetensors header; a
     missing, unexpected or reshaped tensor is an error naming it (transformers would only warn
     and leave fresh random weights)."""
-    transformers = transformers_module()
     where = repr(str(folder))
-    check_config(config, where)
+    cfg, auto = _config_and_class(config, task, where)
     _weights(folder)  # headers, offsets and shards checked before transformers reads them
-    settings = dict(config)
-    model_type = settings.pop("model_type")
-    bars = transformers.utils.logging
+    bars = transformers_module().utils.logging
     shown = bars.is_progress_bar_enabled()
     bars.disable_progress_bar()  # netmeld's own progress is enough
     try:
-        cfg = transformers.AutoConfig.for_model(model_type, **settings)
-        auto = getattr(transformers, TASKS[task][1])
         model, info = auto.from_pretrained(
             str(folder),
             config=cfg,

@@ -62,7 +62,7 @@ class TensorInfo:
 MAX_HEADER = 100_000_000  # bytes, as the safetensors library allows
 
 
-class _BadJson(Exception):
+class BadJson(Exception):
     """Raised from inside ``json.loads`` (a duplicate key, a NaN literal)."""
 
 
@@ -70,16 +70,16 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _BadJson(f"key {key!r} appears twice")
+            raise BadJson(f"key {key!r} appears twice")
         out[key] = value
     return out
 
 
 def _constant(name: str) -> Any:
-    raise _BadJson(f"{name} is not JSON")
+    raise BadJson(f"{name} is not JSON")
 
 
-def _json(raw: bytes) -> Any:
+def strict_json(raw: bytes) -> Any:
     """Strict JSON from UTF-8 bytes: no duplicate keys, no NaN/Infinity literals."""
     return json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_constant)
 
@@ -102,8 +102,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                     f"{where}: the header claims {length} bytes, the file holds {size - 8} "
                     "after the length (truncated or not a safetensors file)"
                 )
-            header = _json(f.read(length))
-    except (OSError, ValueError, RecursionError, _BadJson) as exc:
+            header = strict_json(f.read(length))
+    except (OSError, ValueError, RecursionError, BadJson) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{where}: cannot read a safetensors header ({exc})") from exc
@@ -254,8 +254,8 @@ class CheckpointReader:
         where = repr(str(index))
         _inside(folder, index.name, where)
         try:
-            content = _json(index.read_bytes())
-        except (OSError, ValueError, RecursionError, _BadJson) as exc:
+            content = strict_json(index.read_bytes())
+        except (OSError, ValueError, RecursionError, BadJson) as exc:
             raise CheckpointError(f"{where}: cannot read the safetensors index ({exc})") from exc
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(

@@ -141,8 +141,7 @@ def _write_transformers(
 
     module = member.module
     assert isinstance(module, HFClassifier)
-    hf_model: Any = copy.deepcopy(module.body.model)
-    hf_model.set_submodule(module.head_name, head)
+    hf_model: Any = module.transformers_model(head)
     labels = list(model.labels)
     hf_model.config.id2label = dict(enumerate(labels))
     hf_model.config.label2id = {label: i for i, label in enumerate(labels)}
@@ -211,13 +210,6 @@ def _check(model: CombinedModel, built: nn.Module) -> float:
     if not diff <= CHECK_ATOL:
         raise ExportError(f"the exported model's logits differ from netmeld's by {diff:.2e}")
     return diff
-
-
-def export_summary(format: str, out: Path) -> str:
-    """How to load what :func:`export_model` wrote, without netmeld."""
-    if format == "transformers":
-        return f"AutoModelFor...Classification.from_pretrained({str(out)!r})"
-    return f"{format} builder(num_classes=...) + load_state_dict; labels in {LABELS_FILE}"
 
 
 __all__ = ["FORMATS", "export_model", "linear_union", "shared_trunk_member"]

@@ -71,7 +71,6 @@ class Ensemble(Combiner):
     """
 
     kind = "ensemble"
-    place: torch.Tensor
     owner: torch.Tensor
     placement: torch.Tensor
 
@@ -92,11 +91,10 @@ class Ensemble(Combiner):
         self.member_labels = [list(m) for m in member_labels]
         self.union_size = len(union)
         place, owner = _placement(member_labels, union)
-        self.register_buffer("place", torch.tensor(place, dtype=torch.long), persistent=False)
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long), persistent=False)
         # column j of the members' outputs -> its union label, as a (sum K_m, K) 0/1 matrix: the
         # sums over members are matrix products (ONNX exports them; index_add it cannot)
-        placement = F.one_hot(self.place, self.union_size).float()
+        placement = F.one_hot(torch.tensor(place, dtype=torch.long), self.union_size).float()
         self.register_buffer("placement", placement, persistent=False)
         self.weights = nn.Parameter(torch.ones(len(member_labels)), requires_grad=False)
 
