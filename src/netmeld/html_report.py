@@ -128,8 +128,13 @@ def _summary(reports: Sequence[Report]) -> str:
         f"<th>{html.escape(c[0])}</th>" for c in present
     )
     best: dict[str, Any] = {}
+    # measured on different examples (different label sets), the per-example columns are not
+    # comparable: no best is marked there, the labels-all-know table compares them
+    same_examples = len({r.examples for r in reports}) == 1
     for title, get, _, rule in present:
         values = [get(r) for r in reports if get(r) is not None]
+        if not same_examples and title not in ("parameters", "ms / batch"):
+            continue
         if rule and len(values) > 1:
             best[title] = max(values) if rule == "max" else min(values)
     rows = []
@@ -164,8 +169,12 @@ def _accuracy_chart(reports: Sequence[Report], baseline: str | None, oracle: str
         match = next((r for r in reports if r.name == ref), None)
         if match is not None:
             x = 100 * match.union_accuracy
-            ax.axvline(x, color="#c33" if what == "oracle" else "#333", linestyle=style)
-            ax.text(x, -0.9, f" {what}", fontsize=8, va="bottom")
+            color = "#c33" if what == "oracle" else "#333"
+            ax.axvline(
+                x, color=color, linestyle=style, label=f"{what}: {_short(match.name, 30)} {x:.1f}%"
+            )
+    if ax.get_legend_handles_labels()[0]:  # above the plot, where no bar can hide it
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False, fontsize=8)
     return _svg(fig)
 
 
@@ -431,6 +440,12 @@ def render_html(
         "does not know the true one.</p>"
     )
     body.append("<h2>Summary</h2>" + _summary(reports))
+    if len({r.examples for r in reports}) > 1:
+        body.append(
+            "<p class='note'>The models were measured on different examples (each on the labels "
+            "it knows), so their accuracies are not marked as best: compare them on the labels "
+            "all of them know, under <a href='#label-sets'>Labels the models share</a>.</p>"
+        )
     body.append(
         f'<figure id="fig-accuracy">{_accuracy_chart(reports, baseline, oracle)}<figcaption>Union '
         "accuracy per model"
