@@ -159,12 +159,19 @@ def accuracies(model: netmeld.CombinedModel, sc: dict[str, Any]) -> dict[str, fl
 
 
 def run(
-    sc: dict[str, Any], shots: list[int], seed: int, budgets: list[float]
+    sc: dict[str, Any],
+    shots: list[int],
+    seed: int,
+    budgets: list[float],
+    models: dict[str, netmeld.CombinedModel] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Accuracies before and after each extension; ``models`` collects the models by row."""
     base = netmeld.meld(
         sc["members"], "router", sc["labeled_old"], seed=seed, input_shape=sc.get("input_shape")
     )
     rows = {"before extension": accuracies(base, sc)}
+    if models is not None:
+        models["before extension"] = base
     pool, labels = sc["pool"], sc["pool_labels"]
     for k in shots:
         chosen = [i for i in few_per_class(labels, k, seed=seed) if labels[i] in sc["new_names"]]
@@ -187,6 +194,8 @@ def run(
                 if len(budgets) > 1:
                     name += f", max_false_positives={budget}"
                 rows[name] = result
+                if models is not None:
+                    models[name] = model
     return rows
 
 
@@ -207,6 +216,13 @@ def main() -> None:
         help="extend's false-positive budgets to compare (default: the library default)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FOLDER",
+        help="also write an HTML report per seed into FOLDER: every model before and after "
+        "extension on the test set (the model before is scored on the labels it knows)",
+    )
     args = parser.parse_args()
     results = []
     for seed in args.seeds:
@@ -215,7 +231,16 @@ def main() -> None:
             sc = build_cifar(seed, args.data_root, args.cifar_resolution)
         else:
             sc = build(seed, args.data_root, args.per_member, args.epochs)
-        results.append(run(sc, args.shots, seed, args.max_false_positives))
+        models: dict[str, netmeld.CombinedModel] | None = {} if args.report else None
+        results.append(run(sc, args.shots, seed, args.max_false_positives, models))
+        if models:
+            reports = netmeld.compare(models, sc["test"], latency=False, progress=False)
+            reports.to_html(
+                args.report / f"extend-{args.dataset}-seed{seed}.html",
+                title=f"{args.dataset}: add {', '.join(sc['new_names'])}, seed {seed}",
+                source=f"benchmarks/extend.py, {args.dataset} test set",
+                baseline="before extension",
+            )
         print(f"  seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
