@@ -10,7 +10,10 @@ features, so the comparison can be rerun:
 - ``distill``: the ``infomax`` union's soft answers on the unlabeled inputs distilled into one
   joint linear head over the shared trunk (L-BFGS, started from the members' heads);
 - ``em-lda``: a shared-covariance Gaussian head re-estimated by EM on the unlabeled inputs,
-  started from the ``infomax`` union's answers.
+  started from the ``infomax`` union's answers;
+- ``im-head``: SHOT's information maximisation applied to the whole joint linear head (not only
+  the gate): ``distill``'s head, then fitted to confident, diverse answers on the unlabeled
+  inputs, kept near the ``infomax`` answers by their cross-entropy.
 
 Same scenarios, seeds and data as ``union_heads.py``::
 
@@ -38,8 +41,9 @@ import union_heads as uh
 import netmeld
 from netmeld.engine import small_fit
 from netmeld.methods.meld import extract
+from netmeld.methods.union import information_loss
 
-CANDIDATES = ["weight-norm", "em-priors", "em-offsets", "infomax", "distill", "em-lda"]
+CANDIDATES = ["weight-norm", "em-priors", "em-offsets", "infomax", "distill", "em-lda", "im-head"]
 
 
 def _scaled_logits(model: Any, features: torch.Tensor) -> list[torch.Tensor]:
@@ -70,16 +74,24 @@ def em_offsets(logits: list[torch.Tensor], iterations: int = 100) -> torch.Tenso
     return torch.cat([o.repeat(z.shape[1]) for o, z in zip(offsets, logits, strict=True)])
 
 
-def distill(features: torch.Tensor, soft: torch.Tensor, init: tuple[torch.Tensor, ...]) -> Any:
-    """A joint linear head fitted to ``soft`` answers (cross-entropy, small L2)."""
+def distill(
+    features: torch.Tensor,
+    soft: torch.Tensor,
+    init: tuple[torch.Tensor, ...],
+    information: float = 0.0,
+) -> Any:
+    """A joint linear head fitted to ``soft`` answers (cross-entropy, small L2), plus
+    ``information`` times SHOT's information-maximisation loss on the same inputs."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     weight = (init[0] * std).detach().clone().requires_grad_(True)
     bias = (init[1] + init[0] @ mean).detach().clone().requires_grad_(True)
     z = (features - mean) / std
 
     def loss() -> torch.Tensor:
-        logp = F.log_softmax(z @ weight.T + bias, 1)
-        return -(soft * logp).sum(1).mean() + 1e-4 * weight.pow(2).sum()
+        out = z @ weight.T + bias
+        logp = F.log_softmax(out, 1)
+        fit = -(soft * logp).sum(1).mean() + 1e-4 * weight.pow(2).sum()
+        return fit + information * information_loss(out, 1.0) if information else fit
 
     small_fit([weight, bias], loss, 100, optimizer="lbfgs")
     w = (weight / std).detach()
@@ -130,6 +142,7 @@ def run(sc: Any, seed: int, input_shape: Any) -> dict[str, float]:
     init = (torch.cat([h.weight for h in heads]).detach(), torch.cat([h.bias for h in heads]))
     out["distill"] = acc(distill(unlabeled, soft, init)(test))
     out["em-lda"] = acc(em_lda(unlabeled, soft)(test))
+    out["im-head"] = acc(distill(unlabeled, soft, init, information=1.0)(test))
     oracle = netmeld.meld([sc.oracle], "concat", input_shape=input_shape)
     with torch.no_grad():
         ologits = oracle.heads["oracle"](test)
