@@ -51,7 +51,8 @@ def test_the_ridge_head_from_statistics_equals_joint_ridge_training(digits2, ove
     members = _overlapping(digits2) if overlap else digits2.members
     datasets = [_own_data(digits2, m) for m in members]
     stats = [feature_statistics(m, d, folds=3) for m, d in zip(members, datasets, strict=True)]
-    model = netmeld.meld(members, "ridge", statistics=stats, params={"ridge": 0.1})
+    params = {"ridge": 0.1, "temperature": 1.0}  # the raw ridge head
+    model = netmeld.meld(members, "ridge", statistics=stats, params=params)
     union, weight, bias = _joint_ridge(members, datasets, 0.1)
     assert model.labels == union
     linear = model.combiner.as_linear()  # one nn.Linear over the shared trunk's features
@@ -60,6 +61,33 @@ def test_the_ridge_head_from_statistics_equals_joint_ridge_training(digits2, ove
     x = digits2.test[0][:50]
     expected = _features(members[0], x) @ weight.T + bias
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_ridge_heads_temperature_calibrates_it_and_keeps_its_answers(digits2):
+    members = digits2.members
+    stats = [feature_statistics(m, _own_data(digits2, m)) for m in members]
+    raw = netmeld.meld(members, "ridge", statistics=stats, params={"temperature": 1.0})
+    fitted = netmeld.meld(members, "ridge", statistics=stats)
+    t = fitted.method["fitted"]["temperature"]
+    assert t > 2  # ridge scores are about 0 or 1: their softmax is far too flat
+    x = digits2.test[0]
+    torch.testing.assert_close(fitted(x), raw(x) * t, rtol=1e-4, atol=1e-4)
+    a, b = (netmeld.evaluate(m, digits2.test, latency=False) for m in (raw, fitted))
+    assert a.union_accuracy == b.union_accuracy
+    assert b.ece < a.ece / 2  # on test images the temperature never saw
+
+
+def test_the_ridge_temperature_stays_finite_when_the_classes_never_overlap(digits2):
+    members = digits2.members
+    width = netmeld.meld([members[0]], "concat").run_members(digits2.test[0][:1]).features[0]
+    stats = []
+    for i, member in enumerate(members):
+        labels = [label for label in member.labels for _ in range(4)]
+        means = torch.eye(width.shape[1])[[10 * i + member.labels.index(x) for x in labels]]
+        stats.append(netmeld.statistics_from_features(member, 100 * means, labels, folds=2))
+    model = netmeld.meld(members, "ridge", statistics=stats)  # no spread within a class
+    t = model.method["fitted"]["temperature"]
+    assert 1 < t < 1.2e3 and torch.isfinite(model(digits2.test[0][:5])).all()
 
 
 def test_statistics_heads_beat_concat_and_save_and_load(digits2, tmp_path):

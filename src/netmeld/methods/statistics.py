@@ -28,6 +28,7 @@ from pydantic import Field
 
 from netmeld._version import __version__
 from netmeld.data import open_data
+from netmeld.engine import small_fit
 from netmeld.errors import DataError, MethodError, ModelFileError
 from netmeld.members.graph import find_head
 from netmeld.members.member import Member
@@ -395,6 +396,46 @@ class RidgeParams(MethodParams):
         description="the ridge penalty, relative to the mean feature power; None picks it by "
         "the held-out folds' squared error, computed from their statistics",
     )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="multiplies the ridge scores, which are regression outputs, not "
+        "log-probabilities; None fits it so their softmax is calibrated on features drawn from "
+        "the Gaussian the statistics describe (class means, shared covariance); 1 keeps the "
+        "raw ridge head (the same predictions either way)",
+    )
+
+
+def _calibrating_temperature(
+    w: torch.Tensor, gram: torch.Tensor, xty: torch.Tensor, counts: torch.Tensor, samples: int
+) -> float:
+    """The factor ``t`` minimising the cross-entropy of ``softmax(t · [x, 1] W)`` on ``samples``
+    features drawn (seeded) from the statistics' classes: their means and the shared
+    within-class covariance, each class as often as in the statistics."""
+    present = (counts > 0).nonzero().flatten()
+    means = (xty[:-1, present] / counts[present]).T  # (K', P)
+    scatter = gram[:-1, :-1] - (means.T * counts[present]) @ means
+    cov = scatter / max(float(counts.sum()) - len(present), 1.0)
+    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    root = vectors * values.clamp_min(0).sqrt()  # cov = root @ root.T
+    generator = torch.Generator().manual_seed(0)
+    per_class = (counts[present] / counts.sum() * samples).round().clamp_min(1).long()
+    label = torch.repeat_interleave(present, per_class)
+    noise = torch.randn(len(label), root.shape[1], generator=generator, dtype=root.dtype)
+    drawn = torch.repeat_interleave(means, per_class, dim=0) + noise @ root.T
+    scores = (drawn @ w[:-1] + w[-1]).float()
+    raw = torch.zeros((), requires_grad=True)
+
+    def factor() -> torch.Tensor:
+        # within [e^-7, e^7]: draws that never overlap would push the factor without bound,
+        # and past about 1e3 the softmax of scores about 0 or 1 is one-hot anyway
+        return (7 * torch.tanh(raw / 7)).exp()
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(scores * factor(), label)
+
+    small_fit([raw], loss, 50, optimizer="lbfgs")
+    return float(factor().detach())
 
 
 class LdaParams(MethodParams):
@@ -451,9 +492,14 @@ def fit_ridge(
             errors[candidate] = _over_folds((gram, xty, counts), error)
         lam = min(errors, key=errors.__getitem__)
     w = _ridge(gram.sum(0), xty.sum(0), lam)
+    temperature = params.temperature
+    if temperature is None:
+        temperature = _calibrating_temperature(w, gram.sum(0), xty.sum(0), counts.sum(0), 4096)
+    w = w * temperature
     _install(model, w[:-1].T, w[-1], statistics[0])
     model.method["fitted"] = {
         "ridge": lam,
+        "temperature": round(temperature, 4),
         "examples": int(counts.sum()),
         "held_out_error": {str(k): round(v, 4) for k, v in errors.items()},
     }
