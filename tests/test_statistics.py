@@ -90,6 +90,33 @@ def test_the_ridge_temperature_stays_finite_when_the_classes_never_overlap(digit
     assert 1 < t < 1.2e3 and torch.isfinite(model(digits2.test[0][:5])).all()
 
 
+def test_ldas_held_out_likelihood_from_statistics_is_that_of_the_held_out_examples(digits2):
+    member = digits2.members[0]
+    width = netmeld.meld([member], "concat").run_members(digits2.test[0][:1]).features[0]
+    g = torch.Generator().manual_seed(0)
+    k = len(member.labels)
+    labels = [member.labels[i % k] for i in range(90)]  # example i in fold i % 3
+    y = torch.tensor([member.labels.index(label) for label in labels])
+    x = torch.randn(90, width.shape[1], generator=g, dtype=torch.float64) + 2 * y[:, None]
+    stats = netmeld.statistics_from_features(member, x, labels, folds=3)
+    fitted = netmeld.meld([member], "lda", statistics=[stats]).method["fitted"]
+    for alpha, value in fitted["held_out_loglik"].items():
+        expected = 0.0
+        for fold in range(3):
+            train, held = torch.arange(90) % 3 != fold, torch.arange(90) % 3 == fold
+            means = {c: x[train & (y == c)].mean(0) for c in y.unique().tolist()}
+            centred = torch.stack([x[i] - means[int(y[i])] for i in range(90)])
+            cov = centred[train].T @ centred[train] / (int(train.sum()) - len(means))
+            cov = (1 - float(alpha)) * cov + float(alpha) * torch.eye(len(cov)) * cov.diag().mean()
+            cov += 1e-9 * torch.eye(len(cov))
+            d = centred[held]
+            expected += float(
+                -0.5 * (d @ torch.linalg.solve(cov, d.T)).trace()
+                - 0.5 * len(d) * torch.linalg.slogdet(cov)[1]
+            )
+        assert value == pytest.approx(expected, rel=1e-6, abs=0.01), alpha
+
+
 def test_statistics_heads_beat_concat_and_save_and_load(digits2, tmp_path):
     members = digits2.members
     datasets = [_own_data(digits2, m) for m in members]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,14 +362,17 @@ def check_statistics(model: CombinedModel, statistics: Sequence[FeatureStatistic
 Pooled = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # Gram, X^T Y, class counts
 
 
-def _over_folds(folds: Pooled, score: Callable[[Pooled, Pooled], float]) -> float:
-    """The sum over folds of ``score(the other folds pooled, the fold)``."""
-    total = 0.0
+def _splits(folds: Pooled) -> Iterator[tuple[Pooled, Pooled]]:
+    """Per fold: (the other folds pooled, the fold)."""
     for f in range(folds[0].shape[0]):
         rest = [g for g in range(folds[0].shape[0]) if g != f]
         train = tuple(t[rest].sum(0) for t in folds)
-        total += score(train, tuple(t[f] for t in folds))  # type: ignore[arg-type]
-    return total
+        yield train, tuple(t[f] for t in folds)  # type: ignore[misc]
+
+
+def _over_folds(folds: Pooled, score: Callable[[Pooled, Pooled], float]) -> float:
+    """The sum over folds of ``score(the other folds pooled, the fold)``."""
+    return sum(score(train, held) for train, held in _splits(folds))
 
 
 LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -413,9 +416,8 @@ def _calibrating_temperature(
     features drawn (seeded) from the statistics' classes: their means and the shared
     within-class covariance, each class as often as in the statistics."""
     present = (counts > 0).nonzero().flatten()
-    means = (xty[:-1, present] / counts[present]).T  # (K', P)
-    scatter = gram[:-1, :-1] - (means.T * counts[present]) @ means
-    cov = scatter / max(float(counts.sum()) - len(present), 1.0)
+    means, cov = _moments(gram, xty, counts)
+    means = means[present]
     values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
     root = vectors * values.clamp_min(0).sqrt()  # cov = root @ root.T
     generator = torch.Generator().manual_seed(0)
@@ -505,15 +507,21 @@ def fit_ridge(
     }
 
 
+def _moments(
+    gram: torch.Tensor, xty: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class means ``(K, P)`` and the pooled within-class covariance."""
+    means = (xty[:-1] / counts.clamp_min(1e-12)).T
+    scatter = gram[:-1, :-1] - (means.T * counts) @ means
+    return means, scatter / max(float(counts.sum()) - int((counts > 0).sum()), 1.0)
+
+
 def _lda(
     gram: torch.Tensor, xty: torch.Tensor, counts: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class means, the shrunk shared covariance, and the LDA weights and biases."""
-    n_c = counts.clamp_min(1e-12)
-    means = (xty[:-1] / n_c).T  # (K, P)
+    means, cov = _moments(gram, xty, counts)
     n = float(counts.sum())
-    scatter = gram[:-1, :-1] - (means.T * counts) @ means
-    cov = scatter / max(n - int((counts > 0).sum()), 1.0)
     target = torch.eye(cov.shape[0], dtype=cov.dtype) * torch.diagonal(cov).mean()
     cov = (1 - alpha) * cov + alpha * target + 1e-9 * torch.eye(cov.shape[0], dtype=cov.dtype)
     inv_means = torch.linalg.solve(cov, means.T)  # (P, K)
@@ -522,22 +530,37 @@ def _lda(
     return means, cov, inv_means.T, bias
 
 
-def _held_out_loglik(
-    means: torch.Tensor,
-    cov: torch.Tensor,
-    gram: torch.Tensor,
-    xty: torch.Tensor,
-    counts: torch.Tensor,
-) -> float:
-    """The held-out fold's Gaussian log-likelihood (up to a constant) from its statistics."""
+def _held_out_logliks(train: Pooled, held: Pooled, alphas: Sequence[float]) -> list[float]:
+    """The held-out fold's Gaussian log-likelihood (up to a constant) under the LDA model fitted
+    on ``train`` with each shrinkage in ``alphas``, from the statistics alone. One
+    eigendecomposition serves every shrinkage: the shrunk covariances share their eigenvectors,
+    ``(1 - α) λ + α m`` being their eigenvalues."""
+    means, cov = _moments(*train)
+    gram, xty, counts = held
     sums = xty[:-1].T  # (K, P)
     scatter = gram[:-1, :-1] - sums.T @ means - means.T @ sums + (means.T * counts) @ means
-    n = float(counts.sum())
-    logdet = torch.linalg.slogdet(cov)[1]
-    return float(-0.5 * torch.trace(torch.linalg.solve(cov, scatter)) - 0.5 * n * logdet)
+    values, vectors = torch.linalg.eigh(cov)
+    spread = ((vectors.T @ scatter) * vectors.T).sum(1)  # v_i^T scatter v_i
+    n, level = float(counts.sum()), torch.diagonal(cov).mean()
+    out = []
+    for alpha in alphas:
+        eig = (1 - alpha) * values.clamp_min(0) + alpha * level + 1e-9
+        out.append(float(-0.5 * (spread / eig).sum() - 0.5 * n * eig.log().sum()))
+    return out
 
 
 SHRINKAGES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.7)
+
+
+def shrinkage_scores(folds: Pooled) -> dict[float, float]:
+    """Each of :data:`SHRINKAGES` scored by the held-out folds' summed log-likelihood."""
+    scores = dict.fromkeys(SHRINKAGES, 0.0)
+    for train, held in _splits(folds):
+        for alpha, value in zip(
+            SHRINKAGES, _held_out_logliks(train, held, SHRINKAGES), strict=True
+        ):
+            scores[alpha] += value
+    return scores
 
 
 @register_method(
@@ -563,13 +586,7 @@ def fit_lda(
     alpha = params.shrinkage
     scores: dict[float, float] = {}
     if alpha is None:
-        for candidate in SHRINKAGES:
-
-            def loglik(train: Pooled, held: Pooled, alpha: float = candidate) -> float:
-                means, cov, _, _ = _lda(*train, alpha)
-                return _held_out_loglik(means, cov, *held)
-
-            scores[candidate] = _over_folds((gram, xty, counts), loglik)
+        scores = shrinkage_scores((gram, xty, counts))
         alpha = max(scores, key=scores.__getitem__)
     _, _, weight, bias = _lda(gram.sum(0), xty.sum(0), counts.sum(0), alpha)
     _install(model, weight, bias, statistics[0])
