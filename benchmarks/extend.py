@@ -240,6 +240,7 @@ def main() -> None:
                 title=f"{args.dataset}: add {', '.join(sc['new_names'])}, seed {seed}",
                 source=f"benchmarks/extend.py, {args.dataset} test set",
                 baseline="before extension",
+                overwrite=True,  # a rerun replaces its own reports
             )
         print(f"  seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.json:

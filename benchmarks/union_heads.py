@@ -411,6 +411,7 @@ def main() -> None:
                         source=f"benchmarks/union_heads.py, {source.name} test set",
                         baseline="concat",
                         oracle="oracle",
+                        overwrite=True,  # a rerun replaces its own reports
                     )
                 print(
                     f"  {source.name}, {split_name}, seed {seed}: "

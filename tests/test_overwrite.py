@@ -137,7 +137,7 @@ def test_predictions_and_statistics_replace_only_files_netmeld_wrote(digits2, tm
     rows = [i for i, label in enumerate(digits2.pool_labels) if label in member.labels][:40]
     stats = feature_statistics(member, (digits2.pool[rows], [digits2.pool_labels[i] for i in rows]))
     path = stats.save(tmp_path / "a.stats")
-    with pytest.raises(netmeld.ModelFileError, match="exists; pass overwrite=True"):
+    with pytest.raises(netmeld.ModelFileError, match="exists; pass --overwrite"):
         stats.save(path)
     stats.save(path, overwrite=True)
     (tmp_path / "thesis.stats").write_bytes(b"my own file")

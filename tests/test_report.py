@@ -170,9 +170,29 @@ def test_the_cli_writes_json_and_a_report_and_rebuilds_it(digits2, tmp_path, cap
     first = Page((tmp_path / "r.html").read_text()).tables["summary"]
     again = Page((tmp_path / "again.html").read_text()).tables["summary"]
     assert first == again
-    (tmp_path / "bad.json").write_text('[{"name": "x", "surprise": 1}]')
-    assert main(["report", str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.html")]) == 2
-    assert "unknown key 'surprise'" in capsys.readouterr().err
+    # a second run replaces its own files only with --overwrite; never a file netmeld did not write
+    assert main(argv) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>my notes</html>")
+    again = ["report", str(tmp_path / "r.json"), "-o", str(notes), "--overwrite"]
+    assert main(again) == 2 and "not an HTML report netmeld wrote" in capsys.readouterr().err
+    assert notes.read_text() == "<html>my notes</html>"
+    assert not [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+    # hostile results files: each a clear error naming the file and what is wrong
+    good = raw[0]
+    for bad, says in (
+        ([{"name": "x", "surprise": 1}], "unknown key 'surprise'"),
+        ([{**good, "examples": "many"}], "examples"),
+        ([{**good, "confusion": [[1, 2]]}], "confusion is not"),
+        ({"name": "x"}, "expected a JSON list of reports"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        assert main(["report", str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.html")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "bad.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.html").exists()
 
 
 def _hundred_label_report():

@@ -19,9 +19,10 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from netmeld.errors import ModelFileError
+from netmeld.errors import DataError, ModelFileError, NetmeldError
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)-[a-z0-9_]{8}$")
 _OLD_SUFFIX = re.compile(r"^\.old-(\d+)$")
@@ -140,3 +141,35 @@ def swap_in(tmp: Path, path: Path) -> None:
                 os.replace(old, path)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(
+    path: Path,
+    overwrite: bool,
+    ours: Callable[[Path], bool],
+    what: str,
+    error: type[NetmeldError] = DataError,
+) -> None:
+    """Refuse (``error``) to write file ``path`` over a folder or a link, over an existing file
+    without ``overwrite``, or over one that ``ours`` does not recognise as ``what`` netmeld
+    wrote."""
+    if path.is_dir() or path.is_symlink():
+        raise error(f"{str(path)!r} is a folder or a link; expected a file name")
+    if path.exists():
+        if not overwrite:
+            raise error(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
+        if not ours(path):
+            raise error(f"{str(path)!r} is not {what} netmeld wrote; refusing to replace it")
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file name beside ``path`` to write; renamed onto ``path`` when the block
+    ends, removed if it raises, so ``path`` is never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

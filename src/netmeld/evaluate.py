@@ -14,6 +14,7 @@ For a combined model and labeled data, :func:`evaluate` reports:
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from netmeld._atomic import check_replaceable, replacing
 from netmeld.data import Stream, open_data
 from netmeld.errors import DataError
 from netmeld.methods._extract import FeatureCache, extract, gather, shard_positions
@@ -60,14 +62,24 @@ class Report:
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
         """A report from :meth:`to_dict`'s output (e.g. ``netmeld eval --json``); an unknown
         or missing key is a :class:`DataError`."""
+        from pydantic import TypeAdapter, ValidationError
+
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise DataError(f"report: unknown key {unknown[0]!r}; expected {sorted(names)}")
         try:
-            return cls(**dict(data))
-        except TypeError as exc:
-            raise DataError(f"report: {exc}") from exc
+            report = TypeAdapter(cls).validate_python(dict(data), strict=False)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise DataError(f"report {data.get('name')!r}: {where}: {first['msg']}") from None
+        k = len(report.labels)
+        if report.confusion and (
+            len(report.confusion) != k or any(len(row) != k for row in report.confusion)
+        ):
+            raise DataError(f"report {report.name!r}: confusion is not {k} x {k} (its {k} labels)")
+        return report
 
     def per_label(self) -> list[dict[str, Any]]:
         """Precision, recall and support of every label, from :attr:`confusion`."""
@@ -438,18 +450,42 @@ def compare(
     )
 
 
+def _holds_reports(path: Path) -> bool:
+    try:
+        Reports.from_json(path)
+    except DataError:
+        return False
+    return True
+
+
 class Reports(list[Report]):
     """Several models' reports on one data set (what :func:`compare` returns)."""
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write the raw numbers (``netmeld report FILE`` rebuilds the HTML from them)."""
-        import json
-
+    def to_json(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the raw numbers (``netmeld report FILE`` rebuilds the HTML from them),
+        atomically; an existing file is replaced only with ``overwrite`` and only if it holds
+        reports netmeld wrote."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed into place
-        tmp.write_text(json.dumps([r.to_dict() for r in self], indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        check_replaceable(path, overwrite, _holds_reports, "a reports file")
+        with replacing(path) as tmp:
+            text = json.dumps([r.to_dict() for r in self], indent=2) + "\n"
+            tmp.write_text(text, encoding="utf-8")
         return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Reports:
+        """The reports :meth:`to_json` wrote; anything else is a :class:`DataError`."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DataError(f"{str(path)!r}: cannot read the results ({exc})") from exc
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise DataError(f"{str(path)!r}: expected a JSON list of reports (netmeld eval --json)")
+        try:
+            return cls(Report.from_dict(r) for r in raw)
+        except DataError as exc:
+            raise DataError(f"{str(path)!r}: {exc}") from None
 
     def to_html(self, path: str | Path, **options: Any) -> Path:
         """One self-contained HTML report of these models (see :mod:`netmeld.html_report`)."""

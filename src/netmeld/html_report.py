@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from netmeld._atomic import check_replaceable, replacing
 from netmeld._version import __version__
 from netmeld.errors import DataError
 
@@ -71,6 +72,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 """
 
 # summary columns: (title, value of a report, format, best is "max" / "min" / None)
+GENERATOR = '<meta name="generator" content="netmeld">'  # marks a file netmeld wrote
+
 COLUMNS: list[tuple[str, Any, str, str | None]] = [
     ("union accuracy", lambda r: r.union_accuracy, "pct", "max"),
     ("task confusion", lambda r: r.task_confusion, "pct", "min"),
@@ -338,12 +341,20 @@ def _per_label_table(report: Report, index: int) -> str:
     )
 
 
-def _label_sets(reports: Sequence[Report]) -> str:
-    """Accuracy on the labels every model knows and on each model's own, when they differ."""
+def shared_labels(reports: Sequence[Report]) -> list[str] | None:
+    """The labels every model knows, in the first model's order; ``None`` when all the models
+    know the same labels (or there is one)."""
     sets = [set(r.labels) for r in reports]
     if len(reports) < 2 or all(s == sets[0] for s in sets):
+        return None
+    return [label for label in reports[0].labels if all(label in s for s in sets)]
+
+
+def _label_sets(reports: Sequence[Report]) -> str:
+    """Accuracy on the labels every model knows and on each model's own, when they differ."""
+    common = shared_labels(reports)
+    if common is None:
         return ""
-    common = [label for label in reports[0].labels if all(label in s for s in sets)]
     rows = []
     for r in reports:
         extra = [label for label in r.labels if label not in set(common)]
@@ -457,18 +468,30 @@ def render_html(
     body.extend(_model_section(r, i) for i, r in enumerate(reports))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        + GENERATOR
+        + f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         + "".join(body)
         + f"<script>{SORT_SCRIPT}</script></body></html>\n"
     )
 
 
-def write_html(reports: Sequence[Report], path: str | Path, **options: Any) -> Path:
-    """Write :func:`render_html` to ``path`` (atomically: a temporary file, then renamed)."""
+def _is_report(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return GENERATOR in fh.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_html(
+    reports: Sequence[Report], path: str | Path, *, overwrite: bool = False, **options: Any
+) -> Path:
+    """Write :func:`render_html` to ``path``, atomically; an existing file is replaced only with
+    ``overwrite`` and only if it is a report netmeld wrote."""
     path = Path(path)
+    check_replaceable(path, overwrite, _is_report, "an HTML report")
     text = render_html(reports, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from netmeld._atomic import check_replaceable, replacing
 from netmeld.data import open_data
 from netmeld.errors import DataError
 from netmeld.model.combined import CombinedModel
@@ -120,33 +120,17 @@ def write_predictions(
     kind = path.suffix.lower()
     if kind not in (".csv", ".jsonl"):
         raise DataError(f"{str(path)!r}: predictions are written as .csv or .jsonl")
-    if path.is_dir() or path.is_symlink():
-        raise DataError(f"{str(path)!r} is a folder or a link; expected a .csv or .jsonl file")
-    if path.exists():
-        if not overwrite:
-            raise DataError(
-                f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it"
-            )
-        if not _written_by_netmeld(path):
-            raise DataError(
-                f"{str(path)!r} is not a predictions file netmeld wrote; refusing to replace it"
-            )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    check_replaceable(path, overwrite, _written_by_netmeld, "a predictions file")
     n = 0
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh) if kind == ".csv" else None
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh) if kind == ".csv" else None
+        if writer is not None:
+            writer.writerow(CSV_HEADER)
+        for p in predictions:
             if writer is not None:
-                writer.writerow(CSV_HEADER)
-            for p in predictions:
-                if writer is not None:
-                    top = ";".join(f"{label}:{v:.6f}" for label, v in p.top)
-                    writer.writerow([p.file or "", p.index, p.label, f"{p.probability:.6f}", top])
-                else:
-                    fh.write(json.dumps(p.to_dict()) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                top = ";".join(f"{label}:{v:.6f}" for label, v in p.top)
+                writer.writerow([p.file or "", p.index, p.label, f"{p.probability:.6f}", top])
+            else:
+                fh.write(json.dumps(p.to_dict()) + "\n")
+            n += 1
     return n

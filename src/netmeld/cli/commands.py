@@ -266,20 +266,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.per_class:
             _print_per_class(reports)
     if args.json not in (None, "-"):
-        Reports(reports).to_json(args.json)
+        Reports(reports).to_json(args.json, overwrite=args.overwrite)
         console.print(f"wrote the numbers to [bold]{args.json}[/bold]")
     if args.report is not None:
-        Reports(reports).to_html(args.report, source=str(args.data), oracle=oracle)
+        Reports(reports).to_html(
+            args.report, source=str(args.data), oracle=oracle, overwrite=args.overwrite
+        )
         console.print(f"wrote the report to [bold]{args.report}[/bold]")
     return 0
 
 
 def _print_label_sets(reports: Sequence[Any]) -> None:
     """When the models know different labels: accuracy on the labels they all know."""
-    sets = [set(r.labels) for r in reports]
-    if len(reports) < 2 or all(s == sets[0] for s in sets):
+    from netmeld.html_report import shared_labels
+
+    common = shared_labels(reports)
+    if common is None:
         return
-    common = [label for label in reports[0].labels if all(label in s for s in sets)]
     _print_table(
         f"the models know different labels: accuracy on the {len(common)} they all know",
         ("model", "accuracy (shared labels)", "left out (unknown labels)"),
@@ -311,18 +314,17 @@ def _print_per_class(reports: Sequence[Any]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from netmeld.errors import DataError
-    from netmeld.evaluate import Report, Reports
+    from netmeld.evaluate import Reports
 
     path = Path(args.results)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{str(path)!r}: cannot read the results ({exc})") from exc
-    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
-        raise DataError(f"{str(path)!r}: expected a JSON list of reports (netmeld eval --json)")
-    reports = Reports(Report.from_dict(r) for r in raw)
-    reports.to_html(args.output, source=str(path), oracle=args.oracle, baseline=args.baseline)
+    reports = Reports.from_json(path)
+    reports.to_html(
+        args.output,
+        source=str(path),
+        oracle=args.oracle,
+        baseline=args.baseline,
+        overwrite=args.overwrite,
+    )
     console.print(f"wrote the report of {len(reports)} models to [bold]{args.output}[/bold]")
     return 0
 

@@ -295,6 +295,11 @@ def _eval(sub: Any) -> None:
     p.add_argument(
         "--per-class", action="store_true", help="also print each label's recall per model"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the --json FILE and --report files if they exist (only files netmeld wrote)",
+    )
     _skip_unreadable_argument(p)
     _run_arguments(p)
     _trust_argument(p)
@@ -315,6 +320,11 @@ def _report(sub: Any) -> None:
         "--baseline",
         metavar="NAME",
         help="the report drawn as the baseline's line (default: a model of method concat)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it exists (only a report netmeld wrote)",
     )
     p.set_defaults(func=commands.cmd_report)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from netmeld._atomic import check_replaceable, replacing
 from netmeld._version import __version__
 from netmeld.data import open_data
 from netmeld.engine import small_fit
@@ -40,6 +40,14 @@ from netmeld.runtime import autocast, on_device, resolve_device
 
 FORMAT = "netmeld-statistics"
 FORMAT_VERSION = 1
+
+
+def _is_statistics_file(path: Path) -> bool:
+    try:
+        FeatureStatistics.load(path)
+    except ModelFileError:
+        return False
+    return True
 
 
 def body_key(member: Member) -> str:
@@ -90,17 +98,7 @@ class FeatureStatistics:
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.is_dir() or path.is_symlink():
-            raise ModelFileError(f"{str(path)!r} is a folder or a link; expected a file name")
-        if path.exists():
-            if not overwrite:
-                raise ModelFileError(f"{str(path)!r} exists; pass overwrite=True (--overwrite)")
-            try:
-                FeatureStatistics.load(path)
-            except ModelFileError:
-                raise ModelFileError(
-                    f"{str(path)!r} is not a statistics file netmeld wrote; refusing to replace it"
-                ) from None
+        check_replaceable(path, overwrite, _is_statistics_file, "a statistics file", ModelFileError)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -112,17 +110,12 @@ class FeatureStatistics:
             "projection": self.projection,
             "seed": self.seed,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with replacing(path) as tmp:
             save_file(
                 {"counts": self.counts, "sums": self.sums, "gram": self.gram},
                 str(tmp),
                 metadata={"netmeld_statistics": json.dumps(meta)},
             )
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
