@@ -120,7 +120,9 @@ def test_the_file_references_nothing_outside_itself(rendered):
     assert not addresses, addresses[:3]
 
 
-def test_a_model_before_and_after_extend_is_compared_on_the_labels_each_knows(digits2, tmp_path):
+def test_a_model_before_and_after_extend_is_compared_on_the_labels_each_knows(
+    digits2, tmp_path, capsys
+):
     base = netmeld.meld(digits2.members, "calibrate", **method_inputs(digits2, "calibrate"))
     x, labels = digits2.test
     # a new class 'frog' taught from a few examples; the test set holds frogs too
@@ -146,6 +148,13 @@ def test_a_model_before_and_after_extend_is_compared_on_the_labels_each_knows(di
     assert float(rows[0][1]) == pytest.approx(before.accuracy_on(shared))
     assert float(rows[1][1]) == pytest.approx(after.accuracy_on(shared))
     assert rows[0][4] == "frog (6)"
+    # the terminal's table says the same
+    from netmeld.cli.commands import _print_label_sets
+
+    _print_label_sets([before, after])
+    out = " ".join(capsys.readouterr().out.split())  # the title may wrap
+    assert f"accuracy on the {len(shared)} they all know" in out and "frog (6)" in out
+    assert f"{100 * before.accuracy_on(shared):.1f}%" in out
 
 
 def test_the_cli_writes_json_and_a_report_and_rebuilds_it(digits2, tmp_path, capsys):
